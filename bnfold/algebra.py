@@ -1,0 +1,71 @@
+"""The fold arithmetic, in pure numpy (no onnx here).
+
+Inference-mode BatchNormalization (Ioffe & Szegedy 2015, Algorithm 2) is a per-channel affine map
+
+    y = scale * x + shift,   scale = gamma / sqrt(var + eps),   shift = beta - mean * scale
+
+so a linear producer  z = W x + b  followed by BN becomes  z' = (scale * W) x + (scale * b + shift),
+with `scale` applied along W's output-channel axis. Everything is computed in float64 and cast back
+to the dtype of the tensor it replaces exactly once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class BadStatistics(ValueError):
+    """BN parameters that would fold into garbage (NaN/Inf, var + eps <= 0)."""
+
+
+def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, shift) of an inference-mode BN, in float64."""
+    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (gamma, beta, mean, var))
+    for name, a in (("scale", gamma), ("B", beta), ("input_mean", mean), ("input_var", var)):
+        if not np.all(np.isfinite(a)):
+            raise BadStatistics(f"{name} holds NaN or Inf")
+    denom = var + np.float64(eps)
+    if np.any(denom <= 0):
+        raise BadStatistics(f"input_var + epsilon <= 0 (min {denom.min():.3g})")
+    scale = gamma / np.sqrt(denom)
+    return scale, beta - mean * scale
+
+
+def scale_along_axis(weight: np.ndarray, scale: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
+    """Multiply `weight` by `scale` along its output-channel axis, in float64.
+
+    With groups > 1 the output channels are split across groups on `axis` while the group index
+    lives on axis 0 (ConvTranspose: weight [C_in, C_out/groups, k...], output channel
+    o = g * C_out/groups + j for input-channel block g). `axis == 0` needs no group handling.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    if groups == 1 or axis == 0:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        return w * scale.reshape(shape)
+    cin = w.shape[0]
+    per_group = w.reshape((groups, cin // groups) + w.shape[1:])
+    shape = [1] * per_group.ndim
+    shape[0] = groups
+    shape[axis + 1] = w.shape[axis]
+    return (per_group * scale.reshape(shape)).reshape(w.shape)
+
+
+def fold_bias(bias, scale: np.ndarray, shift: np.ndarray, channel_axis: int = -1) -> np.ndarray:
+    """New bias = scale * bias + shift, broadcasting `bias` against the channel vector.
+
+    `bias` may be None (absent), a scalar, or any shape that broadcasts with the output; the
+    channel vector is laid along `channel_axis` of the result.
+    """
+    if bias is None:
+        return shift.copy()
+    b = np.asarray(bias, dtype=np.float64)
+    ndim = max(b.ndim, 1)
+    shape = [1] * ndim
+    shape[channel_axis] = -1
+    return b * scale.reshape(shape) + shift.reshape(shape)
+
+
+def cast_like(value: np.ndarray, dtype) -> np.ndarray:
+    """Cast a float64 result back to the model's dtype, once."""
+    return np.asarray(value).astype(dtype)

@@ -1,0 +1,198 @@
+"""Orchestration: load -> apply rules until nothing changes -> clean up -> verify -> save."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Iterable
+
+import onnx
+
+from bnfold.errors import UsageError, VerificationFailed
+from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
+from bnfold.report import FoldReport, Folded, Kept
+from bnfold.rules import RULE_NAMES, RULES
+from bnfold.rules.base import apply_plan, match_batchnorm, match_producer
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldResult:
+    """A pass result: the folded model, what happened to each BN, and (if run) the verification."""
+
+    model: onnx.ModelProto
+    report: FoldReport
+    verification: object | None = None  # bnfold.verify.Verification
+    path: pathlib.Path | None = None  # where fold_file wrote the model
+
+    @property
+    def modified(self) -> bool:
+        return self.report.modified
+
+    def to_dict(self) -> dict:
+        data = self.report.to_dict()
+        data["output"] = str(self.path) if self.path else None
+        data["verification"] = self.verification.to_dict() if self.verification is not None else None
+        return data
+
+
+def is_batchnorm(node: onnx.NodeProto) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in DEFAULT_DOMAINS
+
+
+def fold(model: ModelLike, *, rules: Iterable[str] | None = None, base_dir=None) -> FoldResult:
+    """Fold every BN that can be folded safely; the input model object is not modified.
+
+    `model` is a ModelProto or a path. A ModelProto whose tensors live in external data needs
+    `base_dir` (the folder the data locations are relative to) for the tensors a fold touches.
+    """
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return fold_model(copy, rules=rules, base_dir=base_dir)
+    from bnfold import io
+
+    loaded = io.load_model(model)
+    return fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir)
+
+
+def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None) -> FoldResult:
+    """Fold `model` in place (callers that must keep their input pass a copy)."""
+    started = time.perf_counter()
+    active = select_rules(rules)
+    index = ModelIndex(model, base_dir)
+    before = count_batchnorms(index)
+    folded: list[Folded] = []
+    kept: list[Kept] = []
+    for graph in list(index.graphs):
+        graph_folded, graph_kept = apply_rules(graph, active)
+        folded += graph_folded
+        kept += graph_kept
+    index.finish()
+    report = FoldReport(
+        folded=tuple(folded),
+        kept=tuple(kept),
+        bn_before=before,
+        bn_after=before - len(folded),
+        seconds=time.perf_counter() - started,
+    )
+    return FoldResult(model, report)
+
+
+def select_rules(names: Iterable[str] | None):
+    if names is None:
+        return RULES
+    names = list(names)
+    unknown = [n for n in names if n not in RULE_NAMES]
+    if unknown:
+        raise UsageError(f"unknown rule(s) {', '.join(unknown)}; known: {', '.join(RULE_NAMES)}")
+    return tuple(r for r in RULES if r.name in names)
+
+
+def count_batchnorms(index: ModelIndex) -> int:
+    return sum(is_batchnorm(n) for g in index.graphs for n in g.live_nodes())
+
+
+def apply_rules(graph: GraphIndex, rules) -> tuple[list[Folded], list[Kept]]:
+    """Fold BN nodes of one graph until a pass folds nothing more; one record per BN."""
+    folded: list[Folded] = []
+    outcome: dict[int, Kept] = {}
+    progress = True
+    while progress:
+        progress = False
+        for node in graph.live_nodes():
+            if not is_batchnorm(node):
+                continue
+            result = fold_one(node, graph, rules)
+            if isinstance(result, Folded):
+                folded.append(result)
+                outcome.pop(id(node), None)
+                progress = True
+            else:
+                outcome[id(node)] = result
+    return folded, list(outcome.values())
+
+
+def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules) -> Folded | Kept:
+    bn = match_batchnorm(node, graph)
+    if isinstance(bn, Kept):
+        return bn
+    producer = graph.producer.get(bn.x)
+    rule = next((r for r in rules if producer is not None and producer.op_type in r.producer_ops), None)
+    if rule is None:
+        return _no_rule_reason(bn, graph, producer)
+    plan = rule.match(bn, graph)
+    if isinstance(plan, Kept):
+        return plan
+    apply_plan(plan, graph)
+    return Folded(bn.label, node_label(plan.into), rule.name, graph.path)
+
+
+def _no_rule_reason(bn, graph: GraphIndex, producer) -> Kept:
+    if producer is not None and any(producer.op_type in r.producer_ops for r in RULES):
+        disabled = [r.name for r in RULES if producer.op_type in r.producer_ops]
+        return Kept(bn.label, f"rule {', '.join(disabled)} is not enabled", graph.path)
+    return match_producer(bn, graph, ())
+
+
+def default_output_path(src: pathlib.Path) -> pathlib.Path:
+    """model.onnx -> model.folded.onnx, next to the input."""
+    return src.with_name(f"{src.stem}.folded{src.suffix or '.onnx'}")
+
+
+def fold_file(
+    src,
+    dst=None,
+    *,
+    verify: bool = True,
+    in_place: bool = False,
+    rules=None,
+    inputs=None,
+    dims=None,
+    providers=None,
+    rtol=None,
+    atol=None,
+) -> FoldResult:
+    """Fold the model file `src`, verify the written result against it, then move it into place.
+
+    The output is staged in its destination folder and only committed when verification
+    passes, so a failed verification leaves no output and the input is never touched
+    (unless `in_place`, which still replaces it atomically).
+    """
+    from bnfold import io
+
+    loaded = io.load_model(src)
+    if in_place and dst is not None and pathlib.Path(dst).resolve() != loaded.path:
+        raise UsageError("--in-place and an output path are mutually exclusive")
+    target = loaded.path if in_place else pathlib.Path(dst) if dst else default_output_path(loaded.path)
+    if not in_place and target.resolve() == loaded.path:
+        raise UsageError(f"output {target} is the input; pass --in-place to overwrite it")
+    result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir)
+    with io.stage_model(result.model, target, source=loaded) as staged:
+        verification = None
+        if verify and result.modified:
+            verification = _verify_staged(loaded.path, staged.path, inputs, dims, providers, rtol, atol)
+        path = staged.commit()
+    return dataclasses.replace(result, verification=verification, path=path)
+
+
+def _verify_staged(reference, candidate, inputs, dims, providers, rtol, atol):
+    from bnfold.verify import verify as run_verify
+
+    verification = run_verify(
+        reference, candidate, inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol
+    )
+    if not verification.passed:
+        raise VerificationFailed(
+            f"folded model differs from the original (max abs error {verification.max_abs_err():.3g}); nothing written",
+            verification,
+        )
+    return verification
+
+
+def check(model: ModelLike, *, rules=None) -> FoldReport:
+    """Which BN a fold would remove (for CI): the report of a dry run, nothing written."""
+    return fold(model, rules=rules).report

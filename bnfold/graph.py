@@ -1,0 +1,384 @@
+"""The only module that knows ONNX protobuf details.
+
+`ModelIndex` walks a model's main graph and every subgraph (If / Loop / Scan bodies) once and builds
+a `GraphIndex` per graph: producer and consumer of each value (a node whose subgraph reads an outer
+value counts as a consumer of it), constants (initializer, Constant node, through Identity, or a
+small subgraph of constants evaluated once), graph I/O tests, unique names. Edits go through the
+index so it stays current without rescans; removed nodes are dropped from each graph in one sweep
+at `finish()`, which also drops what the edits orphaned (initializers, Identity/Constant chains,
+stale value_info) and nothing else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Ops that are pure functions of their inputs and small enough to evaluate at fold time when all
+# their inputs are constant: what exporters use to build a bias (dynamo with optimize=False builds
+# Conv biases from Expand/CastLike/Shape of constants).
+CONSTANT_FOLDABLE_OPS = frozenset(
+    {
+        "Identity", "Constant", "Cast", "CastLike", "Shape", "Size", "Expand", "Reshape", "Squeeze",
+        "Unsqueeze", "Concat", "Gather", "Slice", "Transpose", "Add", "Sub", "Mul", "Div", "Neg",
+        "Sqrt", "Reciprocal", "ConstantOfShape", "Range", "Flatten",
+    }
+)
+MAX_CONSTANT_DEPTH = 16
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How a node is named in reports: its name, else op and first output."""
+    if node.name:
+        return node.name
+    return f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(attr.graphs):
+                yield f"{attr.name}[{i}]", g
+
+
+def _outer_names_read(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads that it does not define itself (implicit inputs)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(n for n in node.input if n)
+        for _, sub in _subgraphs(node):
+            read |= _outer_names_read(sub)
+        defined.update(node.output)
+    read.update(o.name for o in graph.output)
+    return read - defined
+
+
+class ModelIndex:
+    """Indexes of every graph of a model, plus what they share (names, opsets, tensor reader)."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str | pathlib.Path | None = None):
+        self.model = model
+        self.base_dir = pathlib.Path(base_dir) if base_dir is not None else None
+        self.opsets = {(o.domain or ""): o.version for o in model.opset_import}
+        self.names: set[str] = set()
+        self._counter = itertools.count()
+        self._ranks: dict[str, int] | None = None
+        self.graphs: list[GraphIndex] = []
+        self._walk(model.graph, "", None)
+
+    def _walk(self, graph: onnx.GraphProto, path: str, outer: GraphIndex | None) -> None:
+        index = GraphIndex(self, graph, path, outer)
+        self.graphs.append(index)
+        for node in list(index.nodes):
+            for attr_name, sub in _subgraphs(node):
+                self._walk(sub, f"{path}{node_label(node)}/{attr_name}/", index)
+
+    def opset(self, domain: str = "") -> int:
+        return self.opsets.get("" if domain in DEFAULT_DOMAINS else domain, 0)
+
+    def unique_name(self, base: str) -> str:
+        """A value name used nowhere in the model (subgraphs included), derived from `base`."""
+        name = base
+        while name in self.names:
+            name = f"{base}_{next(self._counter)}"
+        self.names.add(name)
+        return name
+
+    def read_tensor(self, tensor: onnx.TensorProto) -> np.ndarray | None:
+        """Decode an initializer; None when its external data is not reachable."""
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if self.base_dir is None:
+                return None
+            from bnfold.io import read_tensor
+
+            return read_tensor(tensor, self.base_dir)
+        return numpy_helper.to_array(tensor)
+
+    def rank(self, name: str) -> int | None:
+        """Rank of a value from the model's type info, running shape inference once if needed."""
+        if self._ranks is None:
+            self._ranks = _declared_ranks(self.model)
+            if name not in self._ranks:
+                self._ranks.update(_inferred_ranks(self.model))
+        return self._ranks.get(name)
+
+    def finish(self) -> None:
+        for index in self.graphs:
+            index.finish()
+
+
+def _rank_of(value_info: onnx.ValueInfoProto) -> int | None:
+    t = value_info.type
+    if t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
+        return len(t.tensor_type.shape.dim)
+    return None
+
+
+def _declared_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    ranks: dict[str, int] = {}
+
+    def visit(graph):
+        for vi in itertools.chain(graph.input, graph.output, graph.value_info):
+            r = _rank_of(vi)
+            if r is not None:
+                ranks[vi.name] = r
+        for t in graph.initializer:
+            ranks[t.name] = len(t.dims)
+        for node in graph.node:
+            for _, sub in _subgraphs(node):
+                visit(sub)
+
+    visit(model.graph)
+    return ranks
+
+
+def _inferred_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shape inference is best effort; an unknown rank only means "keep"
+        return {}
+    return _declared_ranks(inferred)
+
+
+class GraphIndex:
+    """Producer/consumer/constant index of one graph, kept current by the edit methods."""
+
+    def __init__(self, model: ModelIndex, graph: onnx.GraphProto, path: str, outer: GraphIndex | None):
+        self.model = model
+        self.graph = graph
+        self.path = path
+        self.outer = outer
+        self.nodes = list(graph.node)
+        self.removed: set[int] = set()
+        self.orphan_candidates: set[str] = set()
+        self.gone_names: set[str] = set()
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.inputs = {i.name for i in graph.input}
+        self.outputs = {o.name for o in graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self._constants: dict[str, np.ndarray | None] = {}
+        self._index_nodes()
+
+    def _index_nodes(self) -> None:
+        names = self.model.names
+        names.update(self.inputs, self.initializers, self.outputs)
+        for node in self.nodes:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+                    names.add(name)
+            reads = {n for n in node.input if n}
+            for _, sub in _subgraphs(node):
+                reads |= _outer_names_read(sub)
+            for name in reads:
+                self.consumers[name].append(node)
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def live_nodes(self):
+        return [n for n in self.nodes if id(n) not in self.removed]
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        return [n for n in self.consumers.get(name, ()) if id(n) not in self.removed]
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.outputs
+
+    def is_overridable(self, name: str) -> bool:
+        """An initializer also listed as a graph input is only a default value (IR < 4)."""
+        return name in self.inputs
+
+    def describe_source(self, name: str) -> str:
+        """Where a value comes from, for reasons: "Relu 'relu_3'", "graph input 'x'", ..."""
+        node = self.producer.get(name)
+        if node is not None:
+            return f"{node.op_type} '{node_label(node)}'"
+        if name in self.inputs:
+            return f"graph input '{name}'"
+        if name in self.initializers:
+            return f"initializer '{name}'"
+        if self.outer is not None:
+            return f"outer-scope value '{name}'"
+        return f"undefined value '{name}'"
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of `name` if it is a constant the fold may rely on, else None."""
+        if name not in self._constants:
+            self._constants[name] = self._lookup_constant(name, 0)
+        return self._constants[name]
+
+    def _lookup_constant(self, name: str, depth: int) -> np.ndarray | None:
+        if not name or depth > MAX_CONSTANT_DEPTH or self.is_overridable(name):
+            return None
+        if name in self.initializers:
+            return self.model.read_tensor(self.initializers[name])
+        node = self.producer.get(name)
+        if node is None:
+            return self.outer.constant(name) if self.outer is not None else None
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in CONSTANT_FOLDABLE_OPS:
+            return None
+        if node.op_type == "Constant":
+            return _constant_node_value(node)
+        if node.op_type == "Identity":
+            return self._lookup_constant(node.input[0], depth + 1)
+        values = [self._lookup_constant(i, depth + 1) if i else None for i in node.input]
+        if any(v is None for i, v in zip(node.input, values) if i):
+            return None
+        return _evaluate(node, values, self.model.opset(""))
+
+    # --- edits ---------------------------------------------------------------------------------
+
+    def set_constant_input(self, node: onnx.NodeProto, position: int, value: np.ndarray, base: str) -> str:
+        """Point input `position` of `node` at a fresh initializer holding `value`.
+
+        Always a new initializer: the old tensor may be shared with other nodes, which must not
+        see the change. The old input becomes an orphan candidate, dropped at finish() if unused.
+        """
+        name = self.model.unique_name(base)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.initializers[name] = self.graph.initializer[-1]
+        while len(node.input) <= position:
+            node.input.append("")
+        old = node.input[position]
+        if old:
+            self._drop_use(old, node)
+        node.input[position] = name
+        self.consumers[name].append(node)
+        self._constants[name] = value
+        return name
+
+    def bypass(self, node: onnx.NodeProto, output: str) -> None:
+        """Remove single-input, single-output `node`; its input's producer now writes `output`.
+
+        Used when the producer's only consumer is `node`: the producer takes over `node`'s output
+        name, so graph outputs and downstream consumers keep their names.
+        """
+        source = node.input[0]
+        producer = self.producer[source]
+        producer.output[list(producer.output).index(source)] = output
+        self.producer[output] = producer
+        self.producer.pop(source, None)
+        self.consumers.pop(source, None)
+        self.gone_names.add(source)
+        self.remove_node(node, keep_outputs=True)
+
+    def remove_node(self, node: onnx.NodeProto, keep_outputs: bool = False) -> None:
+        self.removed.add(id(node))
+        for name in node.input:
+            if name:
+                self._drop_use(name, node)
+        if not keep_outputs:
+            for name in node.output:
+                self.producer.pop(name, None)
+                self.gone_names.add(name)
+
+    def replace_node(self, node: onnx.NodeProto, op_type: str, inputs: list[str]) -> None:
+        """Turn `node` into another op in place (same outputs, same position, no attributes)."""
+        for name in node.input:
+            if name:
+                self._drop_use(name, node)
+        node.op_type = op_type
+        node.domain = ""
+        del node.attribute[:]
+        del node.input[:]
+        node.input.extend(inputs)
+        for name in inputs:
+            self.consumers[name].append(node)
+
+    def set_attribute(self, node: onnx.NodeProto, name: str, value) -> None:
+        for i, attr in enumerate(node.attribute):
+            if attr.name == name:
+                del node.attribute[i]
+                break
+        node.attribute.append(onnx.helper.make_attribute(name, value))
+
+    def _drop_use(self, name: str, node: onnx.NodeProto) -> None:
+        users = self.consumers.get(name)
+        if users is not None:
+            self.consumers[name] = [n for n in users if n is not node]
+        self.orphan_candidates.add(name)
+
+    # --- clean-up --------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Apply removals in one sweep and drop what the edits orphaned."""
+        self._remove_orphaned_producers()
+        if self.removed:
+            self.graph.node.sort(key=lambda n: id(n) in self.removed)
+            del self.graph.node[len(self.graph.node) - len(self.removed):]
+            self.nodes = [n for n in self.nodes if id(n) not in self.removed]
+        self._drop_orphan_initializers()
+        if self.gone_names:
+            keep = [vi for vi in self.graph.value_info if vi.name not in self.gone_names]
+            if len(keep) != len(self.graph.value_info):
+                del self.graph.value_info[:]
+                self.graph.value_info.extend(keep)
+
+    def _remove_orphaned_producers(self) -> None:
+        """Remove Identity/Constant/constant-subgraph nodes that fed only what a fold replaced."""
+        pending = list(self.orphan_candidates)
+        while pending:
+            name = pending.pop()
+            node = self.producer.get(name)
+            if node is None or id(node) in self.removed or node.op_type not in CONSTANT_FOLDABLE_OPS:
+                continue
+            if any(self.users(o) or self.is_graph_output(o) for o in node.output if o):
+                continue
+            self.remove_node(node)
+            pending.extend(i for i in node.input if i)
+
+    def _drop_orphan_initializers(self) -> None:
+        dead = {
+            name
+            for name in self.orphan_candidates
+            if name in self.initializers and not self.users(name)
+            and name not in self.outputs and name not in self.inputs
+            and not self._read_by_subgraph(name)
+        }
+        if dead:
+            keep = [t for t in self.graph.initializer if t.name not in dead]
+            del self.graph.initializer[:]
+            self.graph.initializer.extend(keep)
+            for name in dead:
+                self.initializers.pop(name, None)
+
+    def _read_by_subgraph(self, name: str) -> bool:
+        return any(g.outer is self and g.users(name) for g in self.model.graphs)
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse or string constants are not fold material
+
+
+def _evaluate(node: onnx.NodeProto, values: list, opset: int) -> np.ndarray | None:
+    """Evaluate one pure node on constant inputs with onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {name: v for name, v in zip(node.input, values) if name}
+    try:
+        evaluator = ReferenceEvaluator(node, opsets={"": opset} if opset else None)
+        result = evaluator.run([node.output[0]], feeds)[0]
+    except Exception:  # a constant we cannot evaluate is simply not a constant for us
+        return None
+    return np.asarray(result)

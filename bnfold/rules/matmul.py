@@ -1,0 +1,87 @@
+"""bn_into_matmul and bn_into_matmul_add: MatMul (+ Add) -> BN.
+
+Only where the product is 2-D [N, C]: then BN's channel axis 1 is the product's last axis, the
+columns of the constant weight B [K, C]. B' = B * scale along axis 1; the shift becomes a bias:
+MatMul -> BN turns the BN into Add(product, shift); MatMul -> Add(bias) -> BN gets
+bias' = scale * bias + shift. A rank-3 product [N, L, C] normalised over axis 1 (L) is not a
+per-column scale of B and is kept.
+"""
+
+from __future__ import annotations
+
+from bnfold import algebra
+from bnfold.graph import node_label
+from bnfold.report import Kept
+from bnfold.rules.base import BatchNorm, ForwardRule, Plan, check_sole_use
+
+
+def match_matmul_weight(rule: ForwardRule, bn: BatchNorm, matmul, graph):
+    """B of a 2-D MatMul feeding BN, or Kept with why the product is not provably [N, C]."""
+    weight = rule.weight(bn, graph, matmul, 1, "weight (second input)")
+    if isinstance(weight, Kept):
+        return weight
+    if weight.ndim != 2:
+        return Kept(bn.label, f"MatMul '{node_label(matmul)}' weight has rank {weight.ndim}, expected 2", graph.path)
+    rank = graph.model.rank(bn.x)
+    if rank is None:
+        rank = graph.model.rank(matmul.input[0])
+    if rank is None:
+        return Kept(bn.label, "cannot prove the MatMul product is 2-D [N, C] (rank unknown)", graph.path)
+    if rank != 2:
+        return Kept(bn.label, f"MatMul product has rank {rank}: BN normalises axis 1, not the feature axis", graph.path)
+    return rule.channel_mismatch(bn, graph, matmul, weight.shape[1]) or weight
+
+
+class BnIntoMatMul(ForwardRule):
+    name = "bn_into_matmul"
+    producer_ops = ("MatMul",)
+
+    def plan(self, bn: BatchNorm, matmul, graph) -> Plan | Kept:
+        weight = match_matmul_weight(self, bn, matmul, graph)
+        if isinstance(weight, Kept):
+            return weight
+        new_weight = algebra.scale_along_axis(weight, bn.scale, axis=1)
+        return Plan(
+            bn,
+            into=matmul,
+            new_inputs=[(matmul, 1, algebra.cast_like(new_weight, weight.dtype))],
+            bn_becomes_add=algebra.cast_like(bn.shift, weight.dtype),
+        )
+
+
+class BnIntoMatMulAdd(ForwardRule):
+    name = "bn_into_matmul_add"
+    producer_ops = ("Add",)
+
+    def plan(self, bn: BatchNorm, add, graph) -> Plan | Kept:
+        found = self._matmul_and_bias(bn, add, graph)
+        if isinstance(found, Kept):
+            return found
+        matmul, bias_position = found
+        weight = match_matmul_weight(self, bn, matmul, graph)
+        if isinstance(weight, Kept):
+            return weight
+        bias = self.weight(bn, graph, add, bias_position, "bias")
+        if isinstance(bias, Kept):
+            return bias
+        if bias.ndim > 2:
+            return Kept(bn.label, f"Add bias has rank {bias.ndim}, expected at most 2", graph.path)
+        new_bias = algebra.fold_bias(bias, bn.scale, bn.shift, channel_axis=-1)
+        return Plan(
+            bn,
+            into=matmul,
+            new_inputs=[
+                (matmul, 1, algebra.cast_like(algebra.scale_along_axis(weight, bn.scale, axis=1), weight.dtype)),
+                (add, bias_position, algebra.cast_like(new_bias, bias.dtype)),
+            ],
+        )
+
+    @staticmethod
+    def _matmul_and_bias(bn: BatchNorm, add, graph):
+        """The MatMul operand of the Add (used only by it) and the other operand's position."""
+        for position, other in ((0, 1), (1, 0)):
+            producer = graph.producer.get(add.input[position])
+            if producer is not None and producer.op_type == "MatMul" and producer.domain in ("", "ai.onnx"):
+                sole = check_sole_use(bn, graph, producer, add.input[position], add)
+                return sole if isinstance(sole, Kept) else (producer, other)
+        return Kept(bn.label, f"no foldable producer: input comes from Add '{node_label(add)}' without a MatMul operand", graph.path)

@@ -1,0 +1,177 @@
+"""Shared test helpers: a seeded rng, a tiny model builder, and `assert_folds`.
+
+`assert_folds` is the one assertion every rule test uses: the folded model passes onnx.checker,
+has the expected number of BN left, and computes the original's outputs in onnxruntime, the
+original run with graph optimisations DISABLED (onnxruntime fuses Conv+BN itself otherwise).
+It runs onnxruntime directly, independently of bnfold.verify, so the product cannot vouch for itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold
+
+OPSET = 17
+NP_TO_ONNX = {
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float64): TensorProto.DOUBLE,
+}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261124)
+
+
+def bn_stats(rng, channels: int, dtype=np.float32) -> list[np.ndarray]:
+    """Non-trivial BN parameters (scale, B, mean, var): a wrong fold shows in the outputs."""
+    values = (
+        rng.uniform(0.5, 2.0, channels) * rng.choice([-1, 1], channels),
+        rng.normal(0, 1, channels),
+        rng.normal(0, 1, channels),
+        rng.uniform(0.5, 2.0, channels),
+    )
+    return [v.astype(dtype) for v in values]
+
+
+def bn_node(graph_inits: list, x: str, y: str, rng, channels: int, dtype=np.float32, name=None, **attrs):
+    """A BatchNormalization node with random statistics added to `graph_inits`."""
+    base = name or y
+    names = [f"{base}_{p}" for p in ("scale", "B", "mean", "var")]
+    for n, value in zip(names, bn_stats(rng, channels, dtype)):
+        graph_inits.append(numpy_helper.from_array(value, n))
+    return helper.make_node("BatchNormalization", [x, *names], [y], name=base, **attrs)
+
+
+def tensor(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def value_info(name: str, dtype, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, NP_TO_ONNX[np.dtype(dtype)], shape)
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = OPSET, value_infos=()) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers), value_info=list(value_infos))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    _fill_output_shapes(model)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _fill_output_shapes(model: onnx.ModelProto) -> None:
+    """Outputs declared without a shape get the inferred one (the checker wants a shape)."""
+    missing = [o for o in model.graph.output if not o.type.tensor_type.HasField("shape")]
+    if not missing:
+        return
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type for vi in (*inferred.graph.output, *inferred.graph.value_info)}
+    for out in missing:
+        if out.name in types:
+            out.type.CopyFrom(types[out.name])
+
+
+def count_bn(model: onnx.ModelProto) -> int:
+    def visit(graph):
+        total = 0
+        for node in graph.node:
+            total += node.op_type == "BatchNormalization"
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    total += visit(attr.g)
+        return total
+
+    return visit(model.graph)
+
+
+def random_inputs(model: onnx.ModelProto, rng, dims: dict | None = None) -> dict[str, np.ndarray]:
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (dims or {}).get(d.dim_param, 2) for d in tt.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[inp.name] = rng.normal(0, 1, shape).astype(dtype)
+    return feeds
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def run_reference(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+def run_auto(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    """onnxruntime, or onnx's reference evaluator where onnxruntime has no kernel (float64 Conv)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as NoKernel
+
+    try:
+        return run_ort(model, feeds)
+    except NoKernel:
+        return run_reference(model, feeds)
+
+
+TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-2}
+
+
+def assert_same_outputs(original, folded, rng, engine=run_auto, dims=None, rel=None):
+    """Outputs equal within the dtype's normwise relative tolerance; returns the max rel error."""
+    feeds = random_inputs(original, rng, dims)
+    expected = engine(original, feeds)
+    actual = engine(folded, feeds)
+    worst = 0.0
+    for e, a in zip(expected, actual, strict=True):
+        assert e.shape == a.shape and e.dtype == a.dtype
+        e64, a64 = e.astype(np.float64), a.astype(np.float64)
+        err = np.max(np.abs(e64 - a64)) / max(np.max(np.abs(e64)), 1e-30)
+        limit = rel if rel is not None else TOLERANCE.get(e.dtype, 5e-2)
+        assert err <= limit, f"max relative error {err:.3g} > {limit:.3g}"
+        worst = max(worst, err)
+    return worst
+
+
+def assert_folds(model, rng, expect_left: int, engine=run_auto, rules=None, dims=None, rel=None):
+    """Fold `model`; check validity, BN count, report completeness and numeric equality."""
+    before = count_bn(model)
+    snapshot = model.SerializeToString()
+    result = bnfold.fold(model, rules=rules)
+    assert model.SerializeToString() == snapshot, "fold() modified its input"
+    onnx.checker.check_model(result.model, full_check=True)
+    assert count_bn(result.model) == expect_left, result.report.to_dict()
+    assert len(result.report.folded) + len(result.report.kept) == before
+    assert len(result.report.kept) == expect_left
+    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
+    assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
+    assert_same_outputs(model, result.model, rng, engine=engine, dims=dims, rel=rel)
+    return result
+
+
+def kept_reason(result) -> str:
+    (kept,) = result.report.kept
+    return kept.reason
+
+
+def assert_kept(model, fragment: str, rules=None):
+    """A model whose single BN must be kept: the reason names the cause and nothing changed."""
+    result = bnfold.fold(model, rules=rules)
+    assert fragment in kept_reason(result), kept_reason(result)
+    assert not result.modified
+    assert result.model.SerializeToString() == model.SerializeToString()
+    return result
