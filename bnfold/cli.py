@@ -1,0 +1,196 @@
+"""Command line: parse, call the API, render; the report decides the exit code.
+
+Human text goes to stderr, `--json` data to stdout. No graph logic here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from bnfold import api
+from bnfold.errors import BnfoldError, UsageError, VerificationFailed
+
+EXIT_CODES = """\b
+Exit codes:
+  0  success (folded and verified; check: nothing left to fold; verify: outputs match)
+  1  a check or verification failed
+  2  bad input or usage (missing file, not ONNX, broken external data, bad option)"""
+
+
+class DefaultCommandGroup(click.Group):
+    """`bnfold MODEL.onnx` means `bnfold fold MODEL.onnx`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["fold", *args]
+        return super().parse_args(ctx, args)
+
+
+def parse_dims(values) -> dict[str, int]:
+    dims = {}
+    for value in values:
+        name, sep, size = value.partition("=")
+        if not sep or not name or not size.isdigit() or int(size) < 1:
+            raise UsageError(f"--dim expects NAME=SIZE with a positive size, got {value!r}")
+        dims[name] = int(size)
+    return dims
+
+
+def parse_rules(value: str | None):
+    return None if value is None else [r.strip() for r in value.split(",") if r.strip()]
+
+
+def verify_options(f):
+    """Options shared by `fold` and `verify`."""
+    options = [
+        click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="Size of a symbolic input dimension (default 2)."),
+        click.option("--inputs", type=click.Path(dir_okay=False), help="Inputs from an .npz file instead of seeded random data."),
+        click.option("--rtol", type=float, help="Relative tolerance (default per dtype)."),
+        click.option("--atol", type=float, help="Absolute tolerance (default per dtype)."),
+        click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider(s) (default: CPU, plus CUDA when available)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def run_guarded(action):
+    """Run a command body; BnfoldError -> one line on stderr and its exit code, never a traceback."""
+    try:
+        return action()
+    except VerificationFailed as err:
+        if err.verification is not None:
+            click.echo(render_verification(err.verification), err=True)
+        click.echo(f"bnfold: verification failed: {err}", err=True)
+        sys.exit(1)
+    except BnfoldError as err:
+        click.echo(f"bnfold: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("bnfold: interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # a bug of ours: still one line, unless the user asks for the trace
+        if os.environ.get("BNFOLD_DEBUG"):
+            raise
+        click.echo(f"bnfold: internal error: {type(err).__name__}: {err} (set BNFOLD_DEBUG=1 for the traceback)", err=True)
+        sys.exit(2)
+
+
+@click.group(cls=DefaultCommandGroup, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnfold")
+def main():
+    """Fold BatchNormalization out of ONNX models and verify the result with onnxruntime.
+
+    `bnfold MODEL.onnx` folds MODEL.onnx, verifies it and writes MODEL.folded.onnx.
+    """
+
+
+@main.command("fold", epilog=EXIT_CODES)
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), help="Output path (default: MODEL.folded.onnx).")
+@click.option("--in-place", is_flag=True, help="Overwrite MODEL (atomically) instead of writing a new file.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
+@click.option("--rules", help="Comma-separated rule names to apply (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
+@verify_options
+def fold_command(model, output, in_place, no_verify, rules, as_json, dims, inputs, rtol, atol, providers):
+    """Fold, verify and write MODEL.folded.onnx (or -o OUTPUT)."""
+
+    def action():
+        result = api.fold_file(
+            model, output, verify=not no_verify, in_place=in_place, rules=parse_rules(rules),
+            inputs=inputs, dims=parse_dims(dims), providers=list(providers) or None, rtol=rtol, atol=atol,
+        )
+        click.echo(render_fold(model, result, verified=not no_verify), err=True)
+        if as_json:
+            click.echo(json.dumps({"input": str(model), **result.to_dict()}, indent=2))
+
+    run_guarded(action)
+
+
+@main.command("check", epilog=EXIT_CODES)
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--rules", help="Comma-separated rule names to consider (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
+def check_command(model, rules, as_json):
+    """Exit 1 if MODEL still carries BatchNormalization that bnfold could fold."""
+
+    def action():
+        report = api.check(model, rules=parse_rules(rules))
+        for folded in report.folded:
+            click.echo(f"foldable: {folded.graph}{folded.bn} into {folded.into} ({folded.rule})", err=True)
+        for kept in report.kept:
+            click.echo(f"not foldable: {kept.graph}{kept.bn}: {kept.reason}", err=True)
+        click.echo(f"{model}: {report.bn_before} BatchNormalization, {len(report.folded)} foldable", err=True)
+        if as_json:
+            click.echo(json.dumps({"input": str(model), **report.to_dict()}, indent=2))
+        sys.exit(1 if report.folded else 0)
+
+    run_guarded(action)
+
+
+@main.command("verify", epilog=EXIT_CODES)
+@click.argument("reference", type=click.Path(dir_okay=True))
+@click.argument("candidate", type=click.Path(dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison on stdout.")
+@verify_options
+def verify_command(reference, candidate, as_json, dims, inputs, rtol, atol, providers):
+    """Exit 1 if CANDIDATE's outputs differ from REFERENCE's beyond tolerance."""
+
+    def action():
+        from bnfold import io
+        from bnfold.verify import verify
+
+        for path in (reference, candidate):
+            io.load_model(path)  # bad input -> one clear line, exit 2
+        result = verify(
+            reference, candidate, inputs=inputs, dims=parse_dims(dims),
+            providers=list(providers) or None, rtol=rtol, atol=atol,
+        )
+        click.echo(render_verification(result), err=True)
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2))
+        sys.exit(0 if result.passed else 1)
+
+    run_guarded(action)
+
+
+def render_fold(model, result, verified: bool) -> str:
+    report = result.report
+    lines = [f"bnfold: {model} -> {result.path}"]
+    rules = ", ".join(f"{name} {count}" for name, count in report.rule_counts().items())
+    lines.append(f"  BatchNormalization: {report.bn_before} -> {report.bn_after}" + (f" ({rules})" if rules else ""))
+    for kept in report.kept:
+        lines.append(f"  kept {kept.graph}{kept.bn}: {kept.reason}")
+    if result.verification is not None:
+        lines.append(render_verification(result.verification, indent="  "))
+    elif verified:
+        lines.append("  verification: skipped (nothing was folded)")
+    else:
+        lines.append("  verification: skipped (--no-verify)")
+    timing = f"  time: fold {report.seconds:.3f} s"
+    if result.verification is not None:
+        timing += f", verify {result.verification.seconds:.3f} s"
+    lines.append(timing)
+    return "\n".join(lines)
+
+
+def render_verification(verification, indent: str = "") -> str:
+    status = "passed" if verification.passed else "FAILED"
+    lines = [f"{indent}verification {status} ({verification.engine})"]
+    for provider in verification.providers:
+        lines.append(
+            f"{indent}  {provider}: max abs error {verification.max_abs_err(provider):.3g}, "
+            f"max rel error {verification.max_rel_err(provider):.3g}"
+        )
+    for check in verification.checks:
+        if not check.passed:
+            note = f" ({check.note})" if check.note else ""
+            lines.append(f"{indent}  {check.provider} output '{check.output}' differs: max abs error {check.max_abs_err:.3g}{note}")
+    if verification.note:
+        lines.append(f"{indent}  note: {verification.note}")
+    return "\n".join(lines)

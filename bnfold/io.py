@@ -1,0 +1,494 @@
+"""Reading and writing model files: external data, atomic writes, path safety.
+
+Loading parses the model once, without external data: external tensors keep their references
+and are only read (by `read_tensor`) when a fold needs their values. Every external reference is
+checked up front (stays inside the model's folder, file exists, range inside the file), so a
+broken or hostile model fails at load with one line, not later with a traceback.
+
+Saving never decodes unchanged tensors. When the source kept its weights in external data, its
+data file(s) are copied byte for byte and only the in-memory (changed) tensors are appended, so
+every unchanged tensor keeps its offset. Everything is written into a temporary folder next to
+the destination and moved into place by `StagedModel.commit`: data file(s) first, model last,
+so a crash leaves the destination either old or new. Copy-then-append also means that after an
+in-place save the old model file still reads correct bytes from the new data file (its tensors
+are a prefix of it), so even a crash between the two renames leaves a loadable model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import shutil
+import stat
+import tempfile
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from bnfold.errors import InvalidModel, WriteFailed
+
+PROTOBUF_LIMIT = 2**31  # protobuf cannot serialize or parse a message this large
+# Above this the model is saved with external data; the margin covers what ByteSize() does not
+# foresee (it is exact, but a caller may add a little before saving).
+MAX_EMBEDDED = PROTOBUF_LIMIT - 2**26
+ALIGN = 4096  # offsets of appended tensors: page-aligned so runtimes can mmap them
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A parsed model file; external tensors still point at their data files."""
+
+    model: onnx.ModelProto
+    path: pathlib.Path
+    base_dir: pathlib.Path
+    external_files: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(path) -> LoadedModel:
+    """Parse and check a model file; every problem a user can cause is one `InvalidModel` line."""
+    path = pathlib.Path(path)
+    model = _parse_model(_read_model_bytes(path), path)
+    _check_is_model(model, path)
+    # External data is relative to the folder of the path as given (as onnx and onnxruntime do),
+    # not to where a symlinked model file points.
+    base_dir = path.absolute().parent
+    external_files = _check_external_data(model, base_dir, path)
+    _run_checker(path)
+    return LoadedModel(model, path.resolve(), base_dir, external_files)
+
+
+def _read_model_bytes(path: pathlib.Path) -> bytes:
+    try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise InvalidModel(f"cannot load {path}: is a directory, not a model file")
+        if info.st_size == 0:
+            raise InvalidModel(f"cannot load {path}: file is empty")
+        if info.st_size >= PROTOBUF_LIMIT:
+            raise InvalidModel(
+                f"cannot load {path}: {info.st_size} bytes is over protobuf's 2 GiB limit "
+                "(large models keep their weights in external data)"
+            )
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidModel(f"cannot load {path}: file not found") from None
+    except PermissionError:
+        raise InvalidModel(f"cannot load {path}: permission denied") from None
+    except OSError as e:
+        raise InvalidModel(f"cannot load {path}: {e.strerror or e}") from None
+
+
+def _parse_model(data: bytes, path: pathlib.Path) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except DecodeError:
+        raise InvalidModel(
+            f"cannot load {path}: not an ONNX model (protobuf decode failed: truncated or corrupt file?)"
+        ) from None
+    return model
+
+
+def _check_is_model(model: onnx.ModelProto, path: pathlib.Path) -> None:
+    """Another protobuf (a GraphProto, say) often parses as an empty ModelProto; refuse it."""
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise InvalidModel(f"cannot load {path}: not an ONNX model (no graph or no IR version)")
+    if not any(o.domain in DEFAULT_DOMAINS for o in model.opset_import):
+        raise InvalidModel(f"cannot load {path}: no opset import for the default ONNX domain")
+
+
+def _run_checker(path: pathlib.Path) -> None:
+    """Check by path: given a proto, the checker looks for external data in the current folder."""
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError, OSError) as e:
+        raise InvalidModel(f"cannot load {path}: onnx checker: {_one_line(str(e))}") from None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- external data
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExternalRef:
+    location: str
+    offset: int
+    length: int | None
+
+
+def _external_ref(tensor: onnx.TensorProto, where) -> _ExternalRef:
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    if not location:
+        raise InvalidModel(f"{where}: tensor '{tensor.name}' is external but has no data location")
+    try:
+        offset = int(entries.get("offset", 0))
+        length = int(entries["length"]) if "length" in entries else None
+    except ValueError:
+        raise InvalidModel(f"{where}: tensor '{tensor.name}' has a non-integer external data offset/length") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise InvalidModel(f"{where}: tensor '{tensor.name}' has a negative external data offset/length")
+    return _ExternalRef(location, offset, length)
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _safe_data_path(base_dir: pathlib.Path, location: str, tensor_name: str, where) -> pathlib.Path:
+    """The data file, refused (before any read) unless it lies inside the model's folder."""
+    refused = f"{where}: tensor '{tensor_name}' external data location '{location}' escapes the model folder"
+    if os.path.isabs(location) or pathlib.PureWindowsPath(location).is_absolute():
+        raise InvalidModel(f"{refused} (absolute path); refused")
+    if ".." in pathlib.PurePath(location).parts:
+        raise InvalidModel(f"{refused} ('..'); refused")
+    try:
+        candidate = (base_dir / location).resolve()
+    except (ValueError, OSError) as e:  # NUL byte, symlink loop
+        raise InvalidModel(f"{where}: tensor '{tensor_name}' external data location '{location}': {e}") from None
+    if not candidate.is_relative_to(base_dir.resolve()):
+        raise InvalidModel(f"{refused} (symlink to {candidate}); refused")
+    return candidate
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: pathlib.Path, where) -> tuple[str, ...]:
+    """Validate every external reference; return the distinct locations in first-use order."""
+    sizes: dict[pathlib.Path, int] = {}
+    locations: dict[str, None] = {}
+    for tensor in iter_tensors(model):
+        if not is_external(tensor):
+            continue
+        ref = _external_ref(tensor, where)
+        file = _safe_data_path(base_dir, ref.location, tensor.name, where)
+        if file not in sizes:
+            sizes[file] = _data_file_size(file, ref.location, where)
+        end = ref.offset + (ref.length or 0)
+        if end > sizes[file]:
+            raise InvalidModel(
+                f"{where}: tensor '{tensor.name}' external data (offset {ref.offset}, length "
+                f"{ref.length}) runs past the end of '{ref.location}' ({sizes[file]} bytes)"
+            )
+        locations.setdefault(ref.location)
+    return tuple(locations)
+
+
+def _data_file_size(file: pathlib.Path, location: str, where) -> int:
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        raise InvalidModel(f"{where}: external data file '{location}' not found") from None
+    except OSError as e:
+        raise InvalidModel(f"{where}: external data file '{location}': {e.strerror or e}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidModel(f"{where}: external data '{location}' is not a regular file")
+    return info.st_size
+
+
+def read_tensor(tensor: onnx.TensorProto, base_dir) -> np.ndarray:
+    """Decode one tensor, reading its external bytes (only its range) if it has any."""
+    base_dir = pathlib.Path(base_dir)
+    if is_external(tensor):
+        ref = _external_ref(tensor, base_dir)
+        _safe_data_path(base_dir, ref.location, tensor.name, base_dir)
+    try:
+        return numpy_helper.to_array(tensor, str(base_dir))
+    except (OSError, ValueError) as e:
+        raise InvalidModel(f"{base_dir}: cannot read tensor '{tensor.name}': {_one_line(str(e))}") from None
+
+
+def iter_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers and attributes, all subgraphs, functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+        for s in [*sparse, *attr.sparse_tensors]:
+            yield from (s.values, s.indices)
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for g in attr.graphs:
+            yield from _graph_tensors(g)
+
+
+def _initializers(graph: onnx.GraphProto):
+    """Initializers of a graph and of its subgraphs: the tensors saving may move out."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _initializers(attr.g)
+            for g in attr.graphs:
+                yield from _initializers(g)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+class StagedModel:
+    """A written output not yet in place: verify `path` (onnxruntime can open it), then commit.
+
+    As a context manager it discards on exit unless committed.
+    """
+
+    def __init__(self, dst: pathlib.Path, tmp_dir: pathlib.Path):
+        self.dst = dst
+        self.tmp_dir = tmp_dir
+        self.path = tmp_dir / dst.name
+        self.data_files: list[str] = []  # names inside tmp_dir, moved next to dst on commit
+        self.committed = False
+
+    def commit(self) -> pathlib.Path:
+        """Data first, model last: until the model rename the old model is what dst holds."""
+        if self.committed:
+            return self.dst
+        try:
+            for name in self.data_files:
+                os.replace(self.tmp_dir / name, self.dst.parent / name)
+            if self.data_files:  # the data renames must be durable before the model's
+                _sync_dir(self.dst.parent)
+            os.replace(self.path, self.dst)
+            _sync_dir(self.dst.parent)
+        except OSError as e:
+            self.discard()
+            raise WriteFailed(f"cannot write {self.dst}: {e.strerror or e}") from None
+        self.committed = True
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        return self.dst
+
+    def discard(self) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+def save_model(
+    model: onnx.ModelProto, dst, *, source: LoadedModel | None = None, size_threshold: int = 1024
+) -> pathlib.Path:
+    """Write `model` to `dst` atomically (see `stage_model`)."""
+    return stage_model(model, dst, source=source, size_threshold=size_threshold).commit()
+
+
+def stage_model(
+    model: onnx.ModelProto, dst, *, source: LoadedModel | None = None, size_threshold: int = 1024
+) -> StagedModel:
+    """Write `model` for `dst` into a temporary folder beside it; `model` is left as it was.
+
+    With external data in `source` (or a model too big to embed), tensors in memory of at
+    least `size_threshold` bytes go to the data file; smaller ones stay embedded.
+    """
+    dst = _check_destination(dst)
+    try:
+        tmp_dir = tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".bnfold", dir=dst.parent)
+    except OSError as e:
+        raise WriteFailed(f"cannot write {dst}: {e.strerror or e}") from None
+    staged = StagedModel(dst, pathlib.Path(tmp_dir))
+    try:
+        _write_staged(model, staged, source, size_threshold)
+    except OSError as e:
+        staged.discard()
+        raise WriteFailed(f"cannot write {dst}: {e.strerror or e}") from None
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def _check_destination(dst) -> pathlib.Path:
+    dst = pathlib.Path(dst).absolute()
+    if dst.is_dir():
+        raise WriteFailed(f"cannot write {dst}: is a directory")
+    if not dst.parent.is_dir():
+        problem = "is not a folder" if dst.parent.exists() else "does not exist"
+        raise WriteFailed(f"cannot write {dst}: {dst.parent} {problem}")
+    return dst
+
+
+def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_threshold: int) -> None:
+    referenced = list(dict.fromkeys(_external_ref(t, "model").location for t in iter_tensors(model) if is_external(t)))
+    if referenced and source is None:
+        raise ValueError("model references external data: pass the LoadedModel it came from as source=")
+    keeps_external = bool(referenced) or bool(source and source.external_files)
+    if not keeps_external and model.ByteSize() <= MAX_EMBEDDED:
+        _write_file(staged.path, model.SerializeToString())
+    else:
+        renames = _copy_data_files(staged, source, referenced)
+        append_to = next(iter(renames.values()), f"{staged.dst.name}.data")
+        with _externalized(model, staged, append_to, renames, size_threshold):
+            if model.ByteSize() >= PROTOBUF_LIMIT:
+                raise WriteFailed(f"cannot write {staged.dst}: over 2 GiB even with weights in external data")
+            _write_file(staged.path, model.SerializeToString())
+    if staged.dst.exists():  # an overwrite keeps the file's permissions
+        shutil.copymode(staged.dst, staged.path)
+    _sync_dir(staged.tmp_dir)
+
+
+def _copy_data_files(staged: StagedModel, source: LoadedModel | None, locations: list[str]) -> dict[str, str]:
+    """Copy each referenced source data file under its output name; unchanged bytes stay put."""
+    renames = _plan_data_names(staged.dst, locations, source.base_dir if source else None)
+    for location, name in renames.items():
+        shutil.copyfile(source.base_dir / location, staged.tmp_dir / name)
+        _sync_path(staged.tmp_dir / name)
+        staged.data_files.append(name)
+    return renames
+
+
+def _plan_data_names(dst: pathlib.Path, locations: list[str], base_dir) -> dict[str, str]:
+    """Output name per source location: `<dst>.data`, or `<dst>.<i>.data` for several.
+
+    A source file that already sits at one of those names keeps it, so in-place saves replace
+    each data file with a copy of itself plus appended tensors, never with another file.
+    """
+    if len(locations) == 1:
+        names = [f"{dst.name}.data"]
+    else:
+        names = [f"{dst.name}.{i}.data" for i in range(len(locations))]
+    plan = {}
+    for location in locations:
+        here = (base_dir / location).resolve()
+        same = [n for n in names if (dst.parent / n).resolve() == here and n not in plan.values()]
+        if same:
+            plan[location] = same[0]
+    free = iter(n for n in names if n not in plan.values())
+    return {location: plan.get(location) or next(free) for location in locations}
+
+
+@contextlib.contextmanager
+def _externalized(model: onnx.ModelProto, staged: StagedModel, data_name: str, renames: dict[str, str], threshold: int):
+    """Point `model` at the staged data for the duration of serialization, then undo it all.
+
+    Editing in place and undoing (instead of copying the model) keeps peak memory at one extra
+    copy of the moved tensors only.
+    """
+    undo: list = []
+    try:
+        for tensor in iter_tensors(model):
+            if is_external(tensor):
+                _relocate(tensor, renames, undo)
+        moving = [t for t in _initializers(model.graph) if _in_memory_size(t) >= threshold]
+        if moving:
+            _append_tensors(moving, staged, data_name, undo)
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+def _in_memory_size(tensor: onnx.TensorProto) -> int:
+    if is_external(tensor) or not tensor.HasField("raw_data"):
+        return 0
+    return len(tensor.raw_data)
+
+
+def _relocate(tensor: onnx.TensorProto, renames: dict[str, str], undo: list) -> None:
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            old = entry.value
+            entry.value = renames[old]
+            undo.append(lambda entry=entry, old=old: setattr(entry, "value", old))
+
+
+def _append_tensors(tensors, staged: StagedModel, data_name: str, undo: list) -> None:
+    path = staged.tmp_dir / data_name
+    with open(path, "ab") as f:
+        f.seek(0, os.SEEK_END)
+        for tensor in tensors:
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            raw = tensor.raw_data
+            offset = f.tell()
+            f.write(raw)
+            undo.append(_embedding_restorer(tensor, raw))
+            _point_at(tensor, data_name, offset, len(raw))
+        _sync_file(f)
+    if data_name not in staged.data_files:
+        staged.data_files.append(data_name)
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _embedding_restorer(tensor: onnx.TensorProto, raw: bytes):
+    """Undo for `_point_at`, down to field presence, so the caller's model serializes as before."""
+    had_location = tensor.HasField("data_location")
+    entries = [(e.key, e.value) for e in tensor.external_data]
+
+    def restore() -> None:
+        tensor.ClearField("data_location")
+        if had_location:
+            tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+        for key, value in entries:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.raw_data = raw
+
+    return restore
+
+
+# --------------------------------------------------------------------------- durability
+
+
+def _write_file(path: pathlib.Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        _sync_file(f)
+
+
+def _sync_file(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _sync_path(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_dir(path: pathlib.Path) -> None:
+    """A rename is durable only once its folder is synced."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
