@@ -10,12 +10,9 @@ from bnfold.report import FoldReport, Folded, Kept
 
 __version__ = "0.1.0"
 
-
-def verify(reference, candidate, **options):
-    """Compare two models' outputs in onnxruntime; see bnfold.verify.verify for the options."""
-    from bnfold.verify import verify as run_verify
-
-    return run_verify(reference, candidate, **options)
+# The function shadows the submodule name on purpose: `bnfold.verify(...)` is the API, and
+# `from bnfold.verify import ...` still reaches the module. onnxruntime is imported lazily there.
+from bnfold.verify import Verification, verify  # noqa: E402
 
 
 __all__ = [
@@ -27,6 +24,7 @@ __all__ = [
     "Kept",
     "UsageError",
     "VerificationFailed",
+    "Verification",
     "WriteFailed",
     "check",
     "fold",
