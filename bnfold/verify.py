@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Mapping
@@ -319,7 +320,7 @@ def _given_inputs(model: onnx.ModelProto, inputs) -> dict[str, np.ndarray]:
 
 def _one_line(err: BaseException) -> str:
     """First meaningful line of an engine error, without onnxruntime's status-code prefix."""
-    text = str(err).replace("[ONNXRuntimeError] : ", "")
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : ", "", str(err))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = lines[0] if lines else type(err).__name__
     return line if len(line) <= 300 else line[:297] + "..."

@@ -376,6 +376,16 @@ def test_verify_paths_with_external_data(tmp_path, rng):
     assert verify(str(paths[0]), str(paths[1])).passed
 
 
+def test_verify_paths_with_external_data_on_onnx_reference(tmp_path, rng):
+    reference, candidate = conv_bn(rng, bn_opset=6, is_test=1)
+    paths = [tmp_path / "ref.onnx", tmp_path / "cand.onnx"]
+    for path, m in zip(paths, (reference, candidate)):
+        onnx.save(m, path, save_as_external_data=True, location=path.name + ".bin", size_threshold=0)
+    result = verify(*paths)
+    assert result.passed and result.engine == "onnx.reference"
+    assert result.note.startswith("onnxruntime refused the reference model: NOT_IMPLEMENTED")
+
+
 def test_verify_oversized_proto_goes_through_a_temporary_file(monkeypatch, rng):
     """Protos past protobuf's 2 GB limit are written out; the caller's proto stays untouched."""
     reference, candidate = conv_bn(rng)
