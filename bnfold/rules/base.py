@@ -197,3 +197,37 @@ class ForwardRule:
         if channels == bn.channels:
             return None
         return Kept(bn.label, f"channel mismatch: {node.op_type} '{node_label(node)}' has {channels} output channels, BN has {bn.channels}", graph.path)
+
+
+class WeightAndBiasRule(ForwardRule):
+    """Producers with a weight input 1 and an optional per-channel bias input 2 (Conv family).
+
+    Subclasses only say where the output channels lie in the weight: `weight_layout` returns
+    (axis, groups), the output-channel count being weight.shape[axis] * groups for axis > 0.
+    """
+
+    def weight_layout(self, bn: BatchNorm, node: onnx.NodeProto, weight: np.ndarray, graph: GraphIndex):
+        raise NotImplementedError
+
+    def plan(self, bn: BatchNorm, node: onnx.NodeProto, graph: GraphIndex) -> Plan | Kept:
+        weight = self.weight(bn, graph, node, 1, "weight W")
+        if isinstance(weight, Kept):
+            return weight
+        layout = self.weight_layout(bn, node, weight, graph)
+        if isinstance(layout, Kept):
+            return layout
+        axis, groups = layout
+        channels = weight.shape[axis] * (groups if axis else 1) if weight.ndim > axis else 0
+        bias = self.channel_mismatch(bn, graph, node, channels) or self.optional_weight(bn, graph, node, 2, "bias B")
+        if isinstance(bias, Kept):
+            return bias
+        new_weight = algebra.scale_along_axis(weight, bn.scale, axis=axis, groups=groups)
+        new_bias = algebra.fold_bias(bias, bn.scale, bn.shift)
+        return Plan(
+            bn,
+            into=node,
+            new_inputs=[
+                (node, 1, algebra.cast_like(new_weight, weight.dtype)),
+                (node, 2, algebra.cast_like(new_bias, weight.dtype)),
+            ],
+        )
