@@ -1,30 +1,26 @@
 """PyTorch side of bnfold (the `bnfold[torch]` extra): the only package that imports torch.
 
 - `BatchNorm1d/2d/3d`: training-mode BatchNorm written from scratch (Ioffe & Szegedy, Algorithm 1),
-  drop-in compatible with torch.nn.BatchNorm*.
+  drop-in compatible with torch.nn.BatchNorm*; `swap_in` / `swap_out` exchange them in a model.
 - `fold(module)`: a torch.fx pass folding BN into the preceding Conv/ConvTranspose/Linear.
 - `export(module, args, path)`: fold, export to ONNX, verify in onnxruntime.
+
+The functions `fold` and `export` shadow their submodules' names on purpose (imported eagerly so
+the attribute is always the function); `from bnfold.torch.fold import ...` still reaches the module.
 """
 
-from __future__ import annotations
+from bnfold.torch.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, swap_in, swap_out
+from bnfold.torch.fold import TorchFoldResult, fold
+from bnfold.torch.export import TorchExportResult, export  # noqa: I001 (after fold: export uses it)
 
-import importlib
-
-_LAZY = {
-    "BatchNorm1d": "bnfold.torch.batchnorm",
-    "BatchNorm2d": "bnfold.torch.batchnorm",
-    "BatchNorm3d": "bnfold.torch.batchnorm",
-    "swap_in": "bnfold.torch.batchnorm",
-    "swap_out": "bnfold.torch.batchnorm",
-    "fold": "bnfold.torch.fold",
-    "TorchFoldResult": "bnfold.torch.fold",
-    "export": "bnfold.torch.export",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'bnfold.torch' has no attribute {name!r}")
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "TorchExportResult",
+    "TorchFoldResult",
+    "export",
+    "fold",
+    "swap_in",
+    "swap_out",
+]
