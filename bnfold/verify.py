@@ -404,6 +404,25 @@ def _verify_ort(sources, feeds, providers) -> dict[str, tuple[dict, dict]]:
     }
 
 
+def run_model(model, feeds: dict, providers=None, which: str = "model") -> tuple[str, dict, str]:
+    """(engine, {provider: {output: array}}, note) for one model: onnxruntime with optimisations
+    off on each provider, or onnx.reference when onnxruntime refuses the model (no kernel)."""
+    providers = _check_providers(providers)
+    with contextlib.ExitStack() as stack:
+        source = _ort_source(model, stack)
+        try:
+            sessions = {p: _ort_session(source, p, which) for p in providers}
+            return "onnxruntime", {p: _run_ort(s, feeds, which, p) for p, s in sessions.items()}, ""
+        except _Refused as refusal:
+            note = f"{refusal}; verified with onnx.reference"
+    return REFERENCE, {REFERENCE: _run_reference(model, feeds, which)}, note
+
+
+def compare_outputs(provider: str, expected: dict, actual: dict, rtol=None, atol=None) -> list[OutputCheck]:
+    """Per-output checks of `actual` against `expected` ({name: array}), with verify's tolerances."""
+    return _compare(provider, expected, actual, rtol, atol)
+
+
 # ---------------------------------------------------------------- onnx.reference
 
 

@@ -32,10 +32,7 @@ from bnfold.io import stage_model
 from bnfold.report import SCHEMA_VERSION
 from bnfold.torch.fold import TorchFoldResult
 from bnfold.torch.fold import fold as fold_module
-from bnfold.verify import REFERENCE, Verification, available_providers
-
-# Private helpers of bnfold.verify: both sides run and compare outputs the same way.
-from bnfold.verify import _compare, _from_ortvalue, _one_line, _ort_session, _Refused, _run_reference, _to_ortvalue
+from bnfold.verify import Verification, compare_outputs, run_model
 
 
 class ExportFailed(BnfoldError):
@@ -179,9 +176,9 @@ def _verify_file(path, model, args, expected, rtol, atol) -> Verification:
     feeds = _feeds(model, args)
     reference = dict(zip(names, (_numpy(t) for t in expected)))
     start = time.perf_counter()
-    engine, outputs, note = _run_exported(path, feeds)
+    engine, outputs, note = run_model(str(path), feeds, which="exported")
     seconds = time.perf_counter() - start
-    compared = tuple(c for p, out in outputs.items() for c in _compare(p, reference, out, rtol, atol))
+    compared = tuple(c for p, out in outputs.items() for c in compare_outputs(p, reference, out, rtol, atol))
     result = Verification(all(c.passed for c in compared), engine, tuple(outputs), compared, seconds, note)
     if not result.passed:
         worst = max((c for c in compared if not c.passed), key=lambda c: c.max_abs_err)
@@ -211,23 +208,3 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
-
-
-def _run_exported(path, feeds: dict) -> tuple[str, dict, str]:
-    """(engine, {provider: outputs}, note): onnxruntime with optimisations off on every available
-    provider; onnx.reference when onnxruntime has no kernel (float64 Conv, ...), as verify does."""
-    try:
-        sessions = {p: _ort_session(str(path), p, "exported") for p in available_providers()}
-    except _Refused as refusal:
-        outputs = _run_reference(str(path), feeds, "exported")
-        return REFERENCE, {REFERENCE: outputs}, f"{refusal}; verified with onnx.reference"
-    return "onnxruntime", {p: _run_session(s, feeds, p) for p, s in sessions.items()}, ""
-
-
-def _run_session(session, feeds: dict, provider: str) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    try:
-        values = session.run_with_ort_values(names, {k: _to_ortvalue(v) for k, v in feeds.items()})
-    except Exception as e:  # shape errors and the like, raised at run time
-        raise VerificationFailed(f"onnxruntime could not run the exported model on {provider}: {_one_line(e)}") from None
-    return {name: _from_ortvalue(v) for name, v in zip(names, values)}
