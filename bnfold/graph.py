@@ -29,6 +29,9 @@ CONSTANT_FOLDABLE_OPS = frozenset(
         "Sqrt", "Reciprocal", "ConstantOfShape", "Range", "Flatten",
     }
 )
+# Ops whose result depends only on an input's static dtype/shape (the input named here), so a
+# fold that keeps dtype and shape cannot change what they compute.
+METADATA_OPS = frozenset({"Shape", "Size", "CastLike"})
 MAX_CONSTANT_DEPTH = 16
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -71,7 +74,8 @@ class ModelIndex:
         self.opsets = {(o.domain or ""): o.version for o in model.opset_import}
         self.names: set[str] = set()
         self._counter = itertools.count()
-        self._ranks: dict[str, int] | None = None
+        self._types: dict[str, tuple[int, tuple | None]] | None = None
+        self._inferred = False
         self.graphs: list[GraphIndex] = []
         self._walk(model.graph, "", None)
 
@@ -103,50 +107,60 @@ class ModelIndex:
             return read_tensor(tensor, self.base_dir)
         return numpy_helper.to_array(tensor)
 
+    def value_type(self, name: str) -> tuple[int, tuple | None] | None:
+        """(elem_type, dims) of a value from the model's type info, dims None where unknown;
+        ONNX shape inference runs once, only when a value has no declared type."""
+        if self._types is None:
+            self._types = _declared_types(self.model)
+        if name not in self._types and not self._inferred:
+            self._inferred = True
+            for key, value in _inferred_types(self.model).items():
+                self._types.setdefault(key, value)
+        return self._types.get(name)
+
     def rank(self, name: str) -> int | None:
-        """Rank of a value from the model's type info, running shape inference once if needed."""
-        if self._ranks is None:
-            self._ranks = _declared_ranks(self.model)
-            if name not in self._ranks:
-                self._ranks.update(_inferred_ranks(self.model))
-        return self._ranks.get(name)
+        found = self.value_type(name)
+        return None if found is None or found[1] is None else len(found[1])
 
     def finish(self) -> None:
         for index in self.graphs:
             index.finish()
 
 
-def _rank_of(value_info: onnx.ValueInfoProto) -> int | None:
+def _type_of(value_info: onnx.ValueInfoProto) -> tuple[int, tuple | None] | None:
     t = value_info.type
-    if t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
-        return len(t.tensor_type.shape.dim)
-    return None
+    if not t.HasField("tensor_type"):
+        return None
+    if not t.tensor_type.HasField("shape"):
+        return t.tensor_type.elem_type, None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
+    return t.tensor_type.elem_type, dims
 
 
-def _declared_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    ranks: dict[str, int] = {}
+def _declared_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
+    types: dict[str, tuple[int, tuple | None]] = {}
 
     def visit(graph):
         for vi in itertools.chain(graph.input, graph.output, graph.value_info):
-            r = _rank_of(vi)
-            if r is not None:
-                ranks[vi.name] = r
+            found = _type_of(vi)
+            if found is not None:
+                types[vi.name] = found
         for t in graph.initializer:
-            ranks[t.name] = len(t.dims)
+            types[t.name] = (t.data_type, tuple(t.dims))
         for node in graph.node:
             for _, sub in _subgraphs(node):
                 visit(sub)
 
     visit(model.graph)
-    return ranks
+    return types
 
 
-def _inferred_ranks(model: onnx.ModelProto) -> dict[str, int]:
+def _inferred_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shape inference is best effort; an unknown rank only means "keep"
+    except Exception:  # shape inference is best effort; an unknown type only means "keep"
         return {}
-    return _declared_ranks(inferred)
+    return _declared_types(inferred)
 
 
 class GraphIndex:
@@ -231,10 +245,28 @@ class GraphIndex:
             return _constant_node_value(node)
         if node.op_type == "Identity":
             return self._lookup_constant(node.input[0], depth + 1)
+        if node.op_type in METADATA_OPS:
+            return self._metadata_constant(node, depth)
         values = [self._lookup_constant(i, depth + 1) if i else None for i in node.input]
         if any(v is None for i, v in zip(node.input, values) if i):
             return None
         return _evaluate(node, values, self.model.opset(""))
+
+    def _metadata_constant(self, node: onnx.NodeProto, depth: int) -> np.ndarray | None:
+        """Shape / Size / CastLike read only the static type of a value, not its contents."""
+        if node.op_type == "CastLike":
+            value = self._lookup_constant(node.input[0], depth + 1)
+            found = self.model.value_type(node.input[1])
+            if value is None or found is None or not found[0]:
+                return None
+            return value.astype(onnx.helper.tensor_dtype_to_np_dtype(found[0]))
+        found = self.model.value_type(node.input[0])
+        dims = None if found is None else found[1]
+        if node.op_type == "Size":
+            return None if dims is None or None in dims else np.array(int(np.prod(dims)), np.int64)
+        start, end = attribute(node, "start", 0), attribute(node, "end", None)
+        picked = None if dims is None else dims[slice(start, end)]
+        return None if picked is None or None in picked else np.array(picked, np.int64)
 
     # --- edits ---------------------------------------------------------------------------------
 
@@ -266,6 +298,10 @@ class GraphIndex:
         source = node.input[0]
         producer = self.producer[source]
         producer.output[list(producer.output).index(source)] = output
+        for reader in self.users(source):  # metadata readers (Shape, CastLike): same dtype and shape
+            if reader is not node:
+                reader.input[:] = [output if name == source else name for name in reader.input]
+                self.consumers[output].append(reader)
         self.producer[output] = producer
         self.producer.pop(source, None)
         self.consumers.pop(source, None)
@@ -354,6 +390,20 @@ class GraphIndex:
 
     def _read_by_subgraph(self, name: str) -> bool:
         return any(g.outer is self and g.users(name) for g in self.model.graphs)
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def reads_only_metadata(node: onnx.NodeProto, value: str) -> bool:
+    """True when `node` uses `value` only for its dtype/shape (Shape, Size, CastLike's target)."""
+    if node.op_type in ("Shape", "Size"):
+        return True
+    return node.op_type == "CastLike" and node.input[0] != value
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

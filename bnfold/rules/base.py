@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from bnfold import algebra
-from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, node_label
+from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, attribute, node_label, reads_only_metadata
 from bnfold.report import Kept
 
 FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
@@ -23,13 +23,6 @@ BN_PARAMS = ("scale", "B", "input_mean", "input_var")
 
 def is_float(array: np.ndarray) -> bool:
     return array.dtype in FLOAT_TYPES or array.dtype.name == "bfloat16"
-
-
-def attribute(node: onnx.NodeProto, name: str, default=None):
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +102,8 @@ def check_sole_use(bn: BatchNorm, graph: GraphIndex, producer, value: str, reade
     """Folding changes `value`; only allowed when `reader` (on the way to BN) is its only user."""
     if graph.is_graph_output(value):
         return Kept(bn.label, f"{producer.op_type} '{node_label(producer)}' output '{value}' is a graph output", graph.path)
-    others = [n for n in graph.users(value) if n is not reader]
+    # Readers of only dtype/shape (Shape, CastLike's target) see the same after a fold.
+    others = [n for n in graph.users(value) if n is not reader and not reads_only_metadata(n, value)]
     if others:
         names = ", ".join(f"{n.op_type} '{node_label(n)}'" for n in others[:3])
         return Kept(bn.label, f"fan-out: {producer.op_type} '{node_label(producer)}' output also feeds {names}", graph.path)

@@ -124,8 +124,9 @@ def test_shared_bias_from_constant_subgraph_folds(rng):
 
 
 def test_shared_weight_from_runtime_shape_kept(rng):
-    """A 'constant' that depends on a graph input is not a constant."""
+    """A 'constant' computed from a dynamic dimension of a graph input is not a constant."""
     model = single(rng)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     model.graph.node.insert(0, helper.make_node("Shape", ["x"], ["xs"]))
     model.graph.node.insert(1, helper.make_node("Cast", ["xs"], ["xsf"], to=TensorProto.FLOAT))
     model.graph.node.insert(2, helper.make_node("Slice", ["xsf", "one", "two"], ["bias"]))
@@ -192,3 +193,30 @@ def test_shared_names_stay_unique_across_subgraphs(rng):
     names = [t.name for t in result.model.graph.initializer]
     assert len(names) == len(set(names))
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_shared_dynamo_affine_false_params_from_conv_metadata_folds(rng):
+    """Regression: the dynamo exporter (optimize=False) builds the scale/B of BatchNorm(affine=False)
+    as Expand(CastLike(1.0, conv_out), Shape(conv_out, start=1, end=2)). Those read only the Conv
+    output's dtype and static shape: constants, and not a fan-out of the Conv."""
+    model = single(rng)
+    for param, fill in (("bn_scale", 1.0), ("bn_B", 0.0)):
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == param))
+        model.graph.node.insert(1, helper.make_node("Expand", [f"{param}_v", f"{param}_n"], [param]))
+        model.graph.node.insert(1, helper.make_node("Shape", ["c"], [f"{param}_n"], start=1, end=2))
+        model.graph.node.insert(1, helper.make_node("CastLike", [f"{param}_c", "c"], [f"{param}_v"]))
+        model.graph.node.insert(1, helper.make_node("Constant", [], [f"{param}_c"], value=tensor("v", np.array(fill, np.float64))))
+    model.graph.value_info.append(value_info("c", np.float32, [2, 4, 5, 5]))
+    onnx.checker.check_model(model)
+    result = assert_folds(model, rng, expect_left=0)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"]
+
+
+def test_shared_metadata_reader_kept_alive_is_rewired(rng):
+    """A Shape of the Conv output that feeds something else survives the fold, reading the new name."""
+    model = single(rng)
+    model.graph.node.append(helper.make_node("Shape", ["c"], ["shape_c"], name="shape"))
+    model.graph.output.append(helper.make_tensor_value_info("shape_c", TensorProto.INT64, [4]))
+    result = assert_folds(model, rng, expect_left=0)
+    shape = next(n for n in result.model.graph.node if n.name == "shape")
+    assert list(shape.input) == ["y"]
