@@ -5,8 +5,10 @@ Inference-mode BatchNormalization (Ioffe & Szegedy 2015, Algorithm 2) is a per-c
     y = scale * x + shift,   scale = gamma / sqrt(var + eps),   shift = beta - mean * scale
 
 so a linear producer  z = W x + b  followed by BN becomes  z' = (scale * W) x + (scale * b + shift),
-with `scale` applied along W's output-channel axis. Everything is computed in float64 and cast back
-to the dtype of the tensor it replaces exactly once.
+with `scale` applied along W's output-channel axis. A BN *before* the linear op folds the other way:
+W (scale * x + shift) + b = (W * scale) x + (b + W shift), with `scale` applied along W's
+input-channel axis and W contracted with `shift` into the bias. Everything is computed in float64
+and cast back to the dtype of the tensor it replaces exactly once.
 """
 
 from __future__ import annotations
@@ -51,6 +53,44 @@ def scale_along_axis(weight: np.ndarray, scale: np.ndarray, axis: int, groups: i
     return (per_group * scale.reshape(shape)).reshape(w.shape)
 
 
+def input_channel_table(vector: np.ndarray, out_channels: int, groups: int = 1) -> np.ndarray:
+    """[out, in/groups]: entry (o, j) is vector[g(o) * in/groups + j], g(o) = o // (out/groups).
+
+    The per-input-channel value that output channel o sees at position j of its weight slice:
+    with groups, output channel o only reads the input channels of its own group.
+    """
+    per_group = np.asarray(vector, dtype=np.float64).reshape(groups, -1)
+    return per_group[np.arange(out_channels) // (out_channels // groups)]
+
+
+def _out_in_first(weight, in_axis: int) -> np.ndarray:
+    """The weight as float64 with the output axis first and the input axis second.
+
+    in_axis 1 is the Conv layout [out, in/groups, k...]; in_axis 0 is a 2-D [in, out] matrix.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    return w.T if in_axis == 0 else w
+
+
+def scale_input_channels(weight: np.ndarray, scale: np.ndarray, in_axis: int = 1, groups: int = 1) -> np.ndarray:
+    """W'[o, j, k...] = W[o, j, k...] * scale[g(o) * in/groups + j], in float64, same layout."""
+    w = _out_in_first(weight, in_axis)
+    table = input_channel_table(scale, w.shape[0], groups)
+    scaled = w * table.reshape(table.shape + (1,) * (w.ndim - 2))
+    return scaled.T if in_axis == 0 else scaled
+
+
+def shift_through(weight: np.ndarray, shift: np.ndarray, in_axis: int = 1, groups: int = 1) -> np.ndarray:
+    """[out]: sum over j, k... of W[o, j, k...] * shift[g(o) * in/groups + j], in float64.
+
+    What a constant per-input-channel shift adds to every output of a linear op (no padding:
+    every kernel tap reads a shifted input).
+    """
+    w = _out_in_first(weight, in_axis)
+    taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
+    return (taps * input_channel_table(shift, w.shape[0], groups)).sum(axis=1)
+
+
 def fold_bias(bias, scale: np.ndarray, shift: np.ndarray, channel_axis: int = -1) -> np.ndarray:
     """New bias = scale * bias + shift, broadcasting `bias` against the channel vector.
 
@@ -67,5 +107,7 @@ def fold_bias(bias, scale: np.ndarray, shift: np.ndarray, channel_axis: int = -1
 
 
 def cast_like(value: np.ndarray, dtype) -> np.ndarray:
-    """Cast a float64 result back to the model's dtype, once."""
-    return np.asarray(value).astype(dtype)
+    """Cast a float64 result back to the model's dtype, once; an overflow becomes inf, which the
+    rules check for (and keep the BN), so numpy's warning is not needed."""
+    with np.errstate(over="ignore"):
+        return np.asarray(value).astype(dtype)

@@ -14,7 +14,7 @@ from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
 from bnfold.report import FoldReport, Folded, Kept
 from bnfold.rules import RULE_NAMES, RULES
-from bnfold.rules.base import apply_plan, match_batchnorm, match_producer
+from bnfold.rules.base import apply_plan, match_batchnorm, match_consumer, match_producer, no_consumer_reason
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -117,25 +117,41 @@ def apply_rules(graph: GraphIndex, rules) -> tuple[list[Folded], list[Kept]]:
 
 
 def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules) -> Folded | Kept:
+    """Fold one BN into the op producing its input (forward) if possible, else into the op
+    reading its output (backward); the record names the rule, so the direction.
+
+    When neither works, the reason gives both causes, "<forward>; next: <backward>", except that
+    the backward one is left out when only the forward side had an op a rule folds into (Conv ->
+    BN -> Relu with a Conv fan-out: the Relu says nothing useful).
+    """
     bn = match_batchnorm(node, graph)
     if isinstance(bn, Kept):
         return bn
-    producer = graph.producer.get(bn.x)
-    rule = next((r for r in rules if producer is not None and producer.op_type in r.producer_ops), None)
-    if rule is None:
-        return _no_rule_reason(bn, graph, producer)
-    plan = rule.match(bn, graph)
-    if isinstance(plan, Kept):
-        return plan
-    apply_plan(plan, graph)
-    return Folded(bn.label, node_label(plan.into), rule.name, graph.path)
+    attempts = []
+    for direction in ("forward", "backward"):
+        rule, result, candidate = _match_direction(bn, graph, rules, direction)
+        if not isinstance(result, Kept):
+            apply_plan(result, graph)
+            return Folded(bn.label, node_label(result.into), rule.name, graph.path)
+        attempts.append((result, candidate))
+    (forward, has_producer), (backward, has_consumer) = attempts
+    if has_producer and not has_consumer:
+        return forward
+    return Kept(bn.label, f"{forward.reason}; next: {backward.reason}", graph.path)
 
 
-def _no_rule_reason(bn, graph: GraphIndex, producer) -> Kept:
-    if producer is not None and any(producer.op_type in r.producer_ops for r in RULES):
-        disabled = [r.name for r in RULES if producer.op_type in r.producer_ops]
-        return Kept(bn.label, f"rule {', '.join(disabled)} is not enabled", graph.path)
-    return match_producer(bn, graph, ())
+def _match_direction(bn, graph: GraphIndex, rules, direction: str):
+    """(rule, its Plan or Kept, whether any rule, enabled or not, targets that neighbour)."""
+    targeting = [r for r in RULES if r.direction == direction and r.targets(bn, graph)]
+    rule = next((r for r in targeting if r in rules), None)
+    if rule is not None:
+        return rule, rule.match(bn, graph), True
+    if targeting:
+        return None, Kept(bn.label, f"rule {', '.join(r.name for r in targeting)} is not enabled", graph.path), True
+    if direction == "forward":
+        return None, match_producer(bn, graph, ()), False
+    ops = list(dict.fromkeys(op for r in RULES if r.direction == direction for op in r.consumer_ops))
+    return None, no_consumer_reason(bn, graph, match_consumer(bn, graph), ops), False
 
 
 def default_output_path(src: pathlib.Path) -> pathlib.Path:

@@ -276,9 +276,7 @@ class GraphIndex:
         Always a new initializer: the old tensor may be shared with other nodes, which must not
         see the change. The old input becomes an orphan candidate, dropped at finish() if unused.
         """
-        name = self.model.unique_name(base)
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        self.initializers[name] = self.graph.initializer[-1]
+        name = self._add_initializer(value, base)
         while len(node.input) <= position:
             node.input.append("")
         old = node.input[position]
@@ -286,6 +284,12 @@ class GraphIndex:
             self._drop_use(old, node)
         node.input[position] = name
         self.consumers[name].append(node)
+        return name
+
+    def _add_initializer(self, value: np.ndarray, base: str) -> str:
+        name = self.model.unique_name(base)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.initializers[name] = self.graph.initializer[-1]
         self._constants[name] = value
         return name
 
@@ -307,6 +311,42 @@ class GraphIndex:
         self.consumers.pop(source, None)
         self.gone_names.add(source)
         self.remove_node(node, keep_outputs=True)
+
+    def short_circuit(self, node: onnx.NodeProto) -> None:
+        """Remove single-output `node`; whoever read its output reads its input 0 instead.
+
+        Used when a BN folds into the op that reads it: the readers take BN's input directly.
+        The output must not be a graph output (its name would disappear) nor read by a subgraph.
+        """
+        source, output = node.input[0], node.output[0]
+        if self.is_graph_output(output):
+            raise ValueError(f"cannot short-circuit graph output '{output}'")
+        for reader in self.users(output):
+            reader.input[:] = [source if name == output else name for name in reader.input]
+            if not any(n is reader for n in self.users(source)):
+                self.consumers[source].append(reader)
+        self.consumers.pop(output, None)
+        self.remove_node(node)
+
+    def add_bias_after(self, node: onnx.NodeProto, bias: np.ndarray, base: str) -> onnx.NodeProto:
+        """Insert Add(node's output, bias) right after `node`, writing `node`'s output name.
+
+        `node` now writes a fresh name, so graph outputs and every reader keep theirs.
+        """
+        output = node.output[0]
+        name = self.model.unique_name(f"{node_label(node)}_bias")
+        inner = self.model.unique_name(f"{output}_unbiased")
+        bias_name = self._add_initializer(bias, base)
+        node.output[0] = inner
+        position = _position(self.graph.node, node) + 1
+        self.graph.node.insert(position, onnx.helper.make_node("Add", [inner, bias_name], [output], name=name))
+        add = self.graph.node[position]  # the container holds a copy of what was inserted
+        self.nodes.insert(_position(self.nodes, node) + 1, add)
+        self.producer[inner] = node
+        self.producer[output] = add
+        self.consumers[inner].append(add)
+        self.consumers[bias_name].append(add)
+        return add
 
     def remove_node(self, node: onnx.NodeProto, keep_outputs: bool = False) -> None:
         self.removed.add(id(node))
@@ -390,6 +430,10 @@ class GraphIndex:
 
     def _read_by_subgraph(self, name: str) -> bool:
         return any(g.outer is self and g.users(name) for g in self.model.graphs)
+
+
+def _position(nodes, node: onnx.NodeProto) -> int:
+    return next(i for i, n in enumerate(nodes) if n is node)  # identity: protobuf == compares contents
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

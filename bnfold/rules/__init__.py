@@ -1,11 +1,27 @@
-"""The fold rules, in the order they are tried. Adding a pattern = one module + one test file."""
+"""The fold rules, in the order they are tried. Adding a pattern = one module + one test file.
+
+Forward rules (BN into the op producing its input) come first: a BN is folded backward (into the
+op reading its output) only when no forward rule can fold it.
+"""
 
 from bnfold.rules.conv import BnIntoConv
 from bnfold.rules.conv_transpose import BnIntoConvTranspose
 from bnfold.rules.gemm import BnIntoGemm
 from bnfold.rules.matmul import BnIntoMatMul, BnIntoMatMulAdd
+from bnfold.rules.next_conv import BnIntoNextConv
+from bnfold.rules.next_gemm import BnIntoNextGemm
+from bnfold.rules.next_matmul import BnIntoNextMatMul
+from bnfold.rules.through_flatten import BnThroughFlattenIntoGemm, BnThroughFlattenIntoMatMul
 
-RULES = (BnIntoConv(), BnIntoConvTranspose(), BnIntoGemm(), BnIntoMatMul(), BnIntoMatMulAdd())
+FORWARD_RULES = (BnIntoConv(), BnIntoConvTranspose(), BnIntoGemm(), BnIntoMatMul(), BnIntoMatMulAdd())
+BACKWARD_RULES = (
+    BnIntoNextConv(),
+    BnIntoNextGemm(),
+    BnIntoNextMatMul(),
+    BnThroughFlattenIntoGemm(),
+    BnThroughFlattenIntoMatMul(),
+)
+RULES = FORWARD_RULES + BACKWARD_RULES
 RULE_NAMES = tuple(rule.name for rule in RULES)
 
-__all__ = ["RULES", "RULE_NAMES"]
+__all__ = ["RULES", "RULE_NAMES", "FORWARD_RULES", "BACKWARD_RULES"]

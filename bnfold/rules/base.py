@@ -1,9 +1,12 @@
-"""What every fold rule shares: the BN checks, the producer checks, and the graph edit.
+"""What every fold rule shares: the BN checks, the neighbour checks, and the graph edit.
 
-A rule only says which producer op it absorbs BN into and where that op keeps its weight's
-output-channel axis and its bias. The checks that apply to every rule live here, once:
-inference mode, no training outputs, constant parameters, float dtypes, matching channel count,
-finite statistics; the producer's output feeds only the BN and is not a graph output.
+A forward rule says which producer op it absorbs BN into and where that op keeps its weight's
+output-channel axis and its bias; a backward rule says which op reading BN's output absorbs it
+and where that op keeps its weight's input-channel axis. The checks that apply to every rule live
+here, once: inference mode, no training outputs, constant parameters, float dtypes, finite
+statistics; forward: the producer's output feeds only the BN and is not a graph output; backward:
+BN's output (and every pass-through op after it) feeds only the next op, as its data input, and
+is not a graph output.
 """
 
 from __future__ import annotations
@@ -69,8 +72,10 @@ def match_batchnorm(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Kept
     shapes = {p.shape for p in params}
     if len(shapes) != 1 or params[0].ndim != 1:
         return Kept(node_label(node), f"parameter shapes {sorted(shapes)} are not one [C] vector", graph.path)
+    # epsilon is a float32 attribute; its default too, as runtimes apply it (var = -1e-5 + 1e-5 is 0).
+    eps = float(np.float32(attribute(node, "epsilon", 1e-5)))
     try:
-        scale, shift = algebra.bn_scale_shift(*params, eps=attribute(node, "epsilon", 1e-5))
+        scale, shift = algebra.bn_scale_shift(*params, eps=eps)
     except algebra.BadStatistics as err:
         return Kept(node_label(node), f"bad statistics: {err}", graph.path)
     return BatchNorm(node, scale, shift)
@@ -115,7 +120,9 @@ class Plan:
     """A checked fold, with every new tensor already computed in the model's dtypes.
 
     `new_inputs` maps (node, input position) to the new constant. Applying a plan cannot fail,
-    so a half-applied fold never exists.
+    so a half-applied fold never exists. A forward plan removes BN by letting `into` write BN's
+    output (or turns BN into an Add); a backward plan removes BN by letting its readers read its
+    input, and may add a bias Add after `into`.
     """
 
     bn: BatchNorm
@@ -123,13 +130,14 @@ class Plan:
     new_inputs: list[tuple[onnx.NodeProto, int, np.ndarray]]
     attributes: list[tuple[onnx.NodeProto, str, object]] = dataclasses.field(default_factory=list)
     bn_becomes_add: np.ndarray | None = None  # MatMul: BN turns into Add(x, shift)
+    backward: bool = False  # BN folded into its consumer: readers of BN's output read its input
+    bias_after: np.ndarray | None = None  # backward MatMul: Add(product, bias) inserted after `into`
 
 
 def finite_or_kept(bn: BatchNorm, graph: GraphIndex, plan: Plan) -> Plan | Kept:
     """Refuse a fold whose cast-back tensors overflowed (float16 weights times a large scale)."""
     arrays = [a for _, _, a in plan.new_inputs]
-    if plan.bn_becomes_add is not None:
-        arrays.append(plan.bn_becomes_add)
+    arrays += [a for a in (plan.bn_becomes_add, plan.bias_after) if a is not None]
     if all(np.all(np.isfinite(a.astype(np.float64))) for a in arrays):
         return plan
     return Kept(bn.label, "folded weights overflow their dtype", graph.path)
@@ -142,7 +150,11 @@ def apply_plan(plan: Plan, graph: GraphIndex) -> None:
         graph.set_constant_input(node, position, value, f"{old or node_label(node)}_bnfold")
     for node, name, value in plan.attributes:
         graph.set_attribute(node, name, value)
-    if plan.bn_becomes_add is not None:
+    if plan.bias_after is not None:
+        graph.add_bias_after(plan.into, plan.bias_after, f"{plan.into.output[0]}_bnfold_bias")
+    if plan.backward:
+        graph.short_circuit(plan.bn.node)
+    elif plan.bn_becomes_add is not None:
         shift_name = graph.model.unique_name(f"{plan.bn.y}_bnfold_shift")
         graph.graph.initializer.append(onnx.numpy_helper.from_array(plan.bn_becomes_add, shift_name))
         graph.initializers[shift_name] = graph.graph.initializer[-1]
@@ -151,25 +163,22 @@ def apply_plan(plan: Plan, graph: GraphIndex) -> None:
         graph.bypass(plan.bn.node, plan.bn.y)
 
 
-class ForwardRule:
-    """Base of the rules that fold a BN into the linear op that produces its input."""
+class Rule:
+    """What both directions share: a name, and reading the neighbour's constant inputs."""
 
     name = ""
-    producer_ops: tuple[str, ...] = ()
+    direction = ""
+
+    def targets(self, bn: BatchNorm, graph: GraphIndex) -> bool:
+        """Read-only: whether BN's neighbour in this rule's direction is the op this rule folds into."""
+        raise NotImplementedError
 
     def match(self, bn: BatchNorm, graph: GraphIndex) -> Plan | Kept:
-        producer = match_producer(bn, graph, self.producer_ops)
-        if isinstance(producer, Kept):
-            return producer
-        plan = self.plan(bn, producer, graph)
-        return plan if isinstance(plan, Kept) else finite_or_kept(bn, graph, plan)
-
-    def plan(self, bn: BatchNorm, producer: onnx.NodeProto, graph: GraphIndex) -> Plan | Kept:
         raise NotImplementedError
 
     @staticmethod
     def weight(bn: BatchNorm, graph: GraphIndex, node: onnx.NodeProto, position: int, what: str) -> np.ndarray | Kept:
-        """A producer input that must be a float constant."""
+        """An input of the op BN folds into that must be a float constant (a weight)."""
         name = node.input[position] if position < len(node.input) else ""
         value = graph.constant(name) if name else None
         if value is None:
@@ -181,10 +190,31 @@ class ForwardRule:
 
     @classmethod
     def optional_weight(cls, bn, graph, node, position: int, what: str) -> np.ndarray | Kept | None:
-        """An optional producer input (a bias): None when absent, else as `weight`."""
+        """An optional input (a bias): None when absent, else as `weight`."""
         if position >= len(node.input) or not node.input[position]:
             return None
         return cls.weight(bn, graph, node, position, what)
+
+
+class ForwardRule(Rule):
+    """Base of the rules that fold a BN into the linear op that produces its input."""
+
+    direction = "forward"
+    producer_ops: tuple[str, ...] = ()
+
+    def targets(self, bn: BatchNorm, graph: GraphIndex) -> bool:
+        producer = graph.producer.get(bn.x)
+        return producer is not None and producer.domain in DEFAULT_DOMAINS and producer.op_type in self.producer_ops
+
+    def match(self, bn: BatchNorm, graph: GraphIndex) -> Plan | Kept:
+        producer = match_producer(bn, graph, self.producer_ops)
+        if isinstance(producer, Kept):
+            return producer
+        plan = self.plan(bn, producer, graph)
+        return plan if isinstance(plan, Kept) else finite_or_kept(bn, graph, plan)
+
+    def plan(self, bn: BatchNorm, producer: onnx.NodeProto, graph: GraphIndex) -> Plan | Kept:
+        raise NotImplementedError
 
     @staticmethod
     def channel_mismatch(bn: BatchNorm, graph: GraphIndex, node: onnx.NodeProto, channels: int) -> Kept | None:
@@ -225,3 +255,137 @@ class WeightAndBiasRule(ForwardRule):
                 (node, 2, algebra.cast_like(new_bias, weight.dtype)),
             ],
         )
+
+
+# Ops between BN and the op it folds into that keep the values element for element (in inference),
+# and the shape ops that turn [N, C, ...] into [N, C*...] rows, at most one of them on the way.
+PASS_THROUGH_OPS = frozenset({"Dropout", "Identity"})
+FLATTEN_OPS = frozenset({"Flatten", "Reshape"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+    """BN output -> Dropout/Identity/at most one Flatten or Reshape -> `consumer`, each single-use."""
+
+    consumer: onnx.NodeProto
+    value: str  # what `consumer` reads: BN's output, or the last pass-through op's
+    flatten: onnx.NodeProto | None = None
+
+
+def match_consumer(bn: BatchNorm, graph: GraphIndex) -> Path | Kept:
+    """The op BN's output leads to, through single-use pass-through ops (checked on the way);
+    which op it is and whether a rule folds into it is left to the rules."""
+    node, value, flatten = bn.node, bn.y, None
+    while True:
+        reader = sole_reader(bn, graph, node, value)
+        if isinstance(reader, Kept):
+            return reader
+        passes = reader.op_type in PASS_THROUGH_OPS or (reader.op_type in FLATTEN_OPS and flatten is None)
+        if reader.domain not in DEFAULT_DOMAINS or not passes:
+            return Path(reader, value, flatten)
+        reason = data_input_reason(reader, value) or dropout_mode_reason(reader, graph)
+        if reason:
+            return Kept(bn.label, reason, graph.path)
+        flatten = reader if reader.op_type in FLATTEN_OPS else flatten
+        node, value = reader, reader.output[0]
+
+
+def sole_reader(bn: BatchNorm, graph: GraphIndex, node: onnx.NodeProto, value: str) -> onnx.NodeProto | Kept:
+    """The one op reading `value` (output of BN or of a pass-through op): folding changes `value`."""
+    what = "BN" if node is bn.node else f"{node.op_type} '{node_label(node)}'"
+    if graph.is_graph_output(value):
+        return Kept(bn.label, f"{what} output '{value}' is a graph output", graph.path)
+    # Readers of only dtype/shape (Shape, CastLike's target) see the same after a fold.
+    readers = [n for n in graph.users(value) if not reads_only_metadata(n, value)]
+    if len(readers) == 1:
+        return readers[0]
+    if not readers:
+        return Kept(bn.label, f"{what} output '{value}' is not read by any op", graph.path)
+    names = ", ".join(f"{n.op_type} '{node_label(n)}'" for n in readers[:3])
+    return Kept(bn.label, f"fan-out: {what} output '{value}' feeds {names}", graph.path)
+
+
+def data_input_reason(node: onnx.NodeProto, value: str) -> str:
+    """Why `node` does not read `value` as its data input 0 only (a weight or shape input), or ""."""
+    if node.input and node.input[0] == value and value not in list(node.input)[1:]:
+        return ""
+    return f"{node.op_type} '{node_label(node)}' reads '{value}' other than as its data input 0"
+
+
+def dropout_mode_reason(node: onnx.NodeProto, graph: GraphIndex) -> str:
+    """Why a Dropout may drop values (training mode), or "" (also for non-Dropout ops)."""
+    if node.op_type != "Dropout":
+        return ""
+    opset = graph.model.opset(node.domain)
+    if opset < 7 and not attribute(node, "is_test", 0):
+        return f"Dropout '{node_label(node)}' has is_test=0 (training mode)"
+    mode = node.input[2] if len(node.input) > 2 else ""
+    value = graph.constant(mode) if mode else np.array(False)
+    if value is None or value.size != 1 or bool(value.reshape(-1)[0]):
+        return f"Dropout '{node_label(node)}' training_mode is not a constant false"
+    return ""
+
+
+class BackwardRule(Rule):
+    """Base of the rules that fold a BN into the linear op reading its output (BN *before* it).
+
+    The consumer L(y) = W y + b of y = scale * x + shift computes (W * scale) x + (b + W shift):
+    subclasses say how to scale W along its input-channel axis and where the bias goes (`plan`).
+    With a Flatten/Reshape on the way (`through_flatten`), `input_affine` expands the per-channel
+    (scale, shift) over the flattened features first.
+    """
+
+    direction = "backward"
+    consumer_ops: tuple[str, ...] = ()
+    through_flatten = False
+
+    def accepts(self, path: Path) -> bool:
+        return (
+            path.consumer.domain in DEFAULT_DOMAINS
+            and path.consumer.op_type in self.consumer_ops
+            and (path.flatten is not None) == self.through_flatten
+        )
+
+    def targets(self, bn: BatchNorm, graph: GraphIndex) -> bool:
+        path = match_consumer(bn, graph)
+        return not isinstance(path, Kept) and self.accepts(path)
+
+    def match(self, bn: BatchNorm, graph: GraphIndex) -> Plan | Kept:
+        path = match_consumer(bn, graph)
+        if isinstance(path, Kept):
+            return path
+        if not self.accepts(path):
+            return no_consumer_reason(bn, graph, path, list(self.consumer_ops))
+        reason = data_input_reason(path.consumer, path.value)
+        if reason:
+            return Kept(bn.label, reason, graph.path)
+        affine = self.input_affine(bn, path, graph)
+        if isinstance(affine, Kept):
+            return affine
+        plan = self.plan(bn, path.consumer, *affine, graph)
+        return plan if isinstance(plan, Kept) else finite_or_kept(bn, graph, plan)
+
+    def input_affine(self, bn: BatchNorm, path: Path, graph: GraphIndex) -> tuple[np.ndarray, np.ndarray] | Kept:
+        """(scale, shift) per input channel of the consumer; BN's own vectors when nothing reshapes."""
+        return bn.scale, bn.shift
+
+    def plan(self, bn: BatchNorm, consumer: onnx.NodeProto, scale, shift, graph: GraphIndex) -> Plan | Kept:
+        raise NotImplementedError
+
+    @staticmethod
+    def input_mismatch(bn: BatchNorm, graph: GraphIndex, node: onnx.NodeProto, channels: int, expected: int) -> Kept | None:
+        if channels == expected:
+            return None
+        what = f"{node.op_type} '{node_label(node)}' has {channels} input channels, BN feeds {expected}"
+        return Kept(bn.label, f"channel mismatch: {what}", graph.path)
+
+
+def no_consumer_reason(bn: BatchNorm, graph: GraphIndex, path: Path | Kept, ops: list[str]) -> Kept:
+    """Why no backward rule applies: the walk's own reason, or what BN's output leads to."""
+    if isinstance(path, Kept):
+        return path
+    node = f"{path.consumer.op_type} '{node_label(path.consumer)}'"
+    if path.flatten is not None:
+        node = f"{path.flatten.op_type} '{node_label(path.flatten)}' then {node}"
+    wanted = " or ".join(filter(None, [", ".join(ops[:-1]), ops[-1]])) if ops else "foldable op"
+    return Kept(bn.label, f"output feeds {node}, not a {wanted}", graph.path)
