@@ -10,7 +10,7 @@ per-column scale of B and is kept.
 from __future__ import annotations
 
 from bnfold import algebra
-from bnfold.graph import node_label
+from bnfold.graph import DEFAULT_DOMAINS, node_label
 from bnfold.report import Kept
 from bnfold.rules.base import BatchNorm, ForwardRule, Plan, check_sole_use
 
@@ -53,6 +53,13 @@ class BnIntoMatMulAdd(ForwardRule):
     name = "bn_into_matmul_add"
     producer_ops = ("Add",)
 
+    def targets(self, bn: BatchNorm, graph) -> bool:
+        """Only an Add with a MatMul operand: a residual Add is not this rule's business."""
+        if not super().targets(bn, graph):
+            return False
+        add = graph.producer[bn.x]
+        return any(_is_matmul(graph.producer.get(name)) for name in add.input)
+
     def plan(self, bn: BatchNorm, add, graph) -> Plan | Kept:
         found = self._matmul_and_bias(bn, add, graph)
         if isinstance(found, Kept):
@@ -81,7 +88,11 @@ class BnIntoMatMulAdd(ForwardRule):
         """The MatMul operand of the Add (used only by it) and the other operand's position."""
         for position, other in ((0, 1), (1, 0)):
             producer = graph.producer.get(add.input[position])
-            if producer is not None and producer.op_type == "MatMul" and producer.domain in ("", "ai.onnx"):
+            if _is_matmul(producer):
                 sole = check_sole_use(bn, graph, producer, add.input[position], add)
                 return sole if isinstance(sole, Kept) else (producer, other)
         return Kept(bn.label, f"no foldable producer: input comes from Add '{node_label(add)}' without a MatMul operand", graph.path)
+
+
+def _is_matmul(node) -> bool:
+    return node is not None and node.op_type == "MatMul" and node.domain in DEFAULT_DOMAINS

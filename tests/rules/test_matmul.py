@@ -91,3 +91,16 @@ def test_bn_into_matmul_add_product_fanout_kept(rng):
     model.graph.node.insert(2, helper.make_node("Relu", ["m"], ["r"], name="relu"))
     model.graph.output.append(value_info("r", np.float32, [3, 5]))
     assert_kept(model, "fan-out: MatMul 'matmul' output also feeds Relu 'relu'")
+
+
+def test_bn_into_matmul_add_residual_add_is_not_a_candidate(rng):
+    """A BN after a residual Add (two activations) has no foldable producer: the reason says so."""
+    inits = []
+    nodes = [helper.make_node("Add", ["x", "x2"], ["a"], name="residual"), bn_node(inits, "a", "y", rng, 4, name="bn")]
+    model = make_model(
+        nodes,
+        [value_info("x", np.float32, [3, 4]), value_info("x2", np.float32, [3, 4])],
+        [value_info("y", np.float32, [3, 4])],
+        inits,
+    )
+    assert_kept(model, "no foldable producer: input comes from Add 'residual'")
