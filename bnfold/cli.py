@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import click
 
 from bnfold import api
-from bnfold.errors import BnfoldError, UsageError, VerificationFailed
+from bnfold.errors import BnfoldError, UsageError, VerificationFailed, printable
 
 EXIT_CODES = """\b
 Exit codes:
@@ -59,24 +60,39 @@ def verify_options(f):
 
 
 def run_guarded(action):
-    """Run a command body; BnfoldError -> one line on stderr and its exit code, never a traceback."""
+    """Run a command body; BnfoldError -> one line on stderr and its exit code, never a traceback.
+
+    Python warnings (numpy overflow in a cast that is then refused, onnx's notes on odd external
+    data keys) are silenced: the outcome is already reported in one line. BNFOLD_DEBUG=1 shows
+    them, and the traceback of an internal error.
+    """
+    with warnings.catch_warnings():
+        if not os.environ.get("BNFOLD_DEBUG"):
+            warnings.simplefilter("ignore")
+        return _run_reporting_errors(action)
+
+
+def _run_reporting_errors(action):
     try:
         return action()
     except VerificationFailed as err:
         if err.verification is not None:
             click.echo(render_verification(err.verification), err=True)
-        click.echo(f"bnfold: verification failed: {err}", err=True)
+        click.echo(f"bnfold: verification failed: {printable(err)}", err=True)
         sys.exit(1)
     except BnfoldError as err:
-        click.echo(f"bnfold: error: {err}", err=True)
+        click.echo(f"bnfold: error: {printable(err)}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("bnfold: interrupted", err=True)
         sys.exit(130)
+    except MemoryError as err:  # a shape or size in the model asks for more than the machine has
+        click.echo(f"bnfold: error: out of memory{': ' + printable(err) if str(err) else ''}", err=True)
+        sys.exit(2)
     except Exception as err:  # a bug of ours: still one line, unless the user asks for the trace
         if os.environ.get("BNFOLD_DEBUG"):
             raise
-        click.echo(f"bnfold: internal error: {type(err).__name__}: {err} (set BNFOLD_DEBUG=1 for the traceback)", err=True)
+        click.echo(f"bnfold: internal error: {type(err).__name__}: {printable(err)} (set BNFOLD_DEBUG=1 for the traceback)", err=True)
         sys.exit(2)
 
 
@@ -122,10 +138,10 @@ def check_command(model, rules, as_json):
     def action():
         report = api.check(model, rules=parse_rules(rules))
         for folded in report.folded:
-            click.echo(f"foldable: {folded.graph}{folded.bn} into {folded.into} ({folded.rule})", err=True)
+            click.echo(f"foldable: {printable(folded.graph + folded.bn)} into {printable(folded.into)} ({folded.rule})", err=True)
         for kept in report.kept:
-            click.echo(f"not foldable: {kept.graph}{kept.bn}: {kept.reason}", err=True)
-        click.echo(f"{model}: {report.bn_before} BatchNormalization, {len(report.folded)} foldable", err=True)
+            click.echo(f"not foldable: {printable(kept.graph + kept.bn)}: {printable(kept.reason)}", err=True)
+        click.echo(f"{printable(model)}: {report.bn_before} BatchNormalization, {len(report.folded)} foldable", err=True)
         if as_json:
             click.echo(json.dumps({"input": str(model), **report.to_dict()}, indent=2))
         sys.exit(1 if report.folded else 0)
@@ -161,11 +177,11 @@ def verify_command(reference, candidate, as_json, dims, inputs, rtol, atol, prov
 
 def render_fold(model, result, verified: bool) -> str:
     report = result.report
-    lines = [f"bnfold: {model} -> {result.path}"]
+    lines = [f"bnfold: {printable(model)} -> {printable(result.path)}"]
     rules = ", ".join(f"{name} {count}" for name, count in report.rule_counts().items())
     lines.append(f"  BatchNormalization: {report.bn_before} -> {report.bn_after}" + (f" ({rules})" if rules else ""))
     for kept in report.kept:
-        lines.append(f"  kept {kept.graph}{kept.bn}: {kept.reason}")
+        lines.append(f"  kept {printable(kept.graph + kept.bn)}: {printable(kept.reason)}")
     if result.verification is not None:
         lines.append(render_verification(result.verification, indent="  "))
     elif verified:
@@ -184,13 +200,16 @@ def render_verification(verification, indent: str = "") -> str:
     lines = [f"{indent}verification {status} ({verification.engine})"]
     for provider in verification.providers:
         lines.append(
-            f"{indent}  {provider}: max abs error {verification.max_abs_err(provider):.3g}, "
+            f"{indent}  {printable(provider)}: max abs error {verification.max_abs_err(provider):.3g}, "
             f"max rel error {verification.max_rel_err(provider):.3g}"
         )
     for check in verification.checks:
         if not check.passed:
-            note = f" ({check.note})" if check.note else ""
-            lines.append(f"{indent}  {check.provider} output '{check.output}' differs: max abs error {check.max_abs_err:.3g}{note}")
+            note = f" ({printable(check.note)})" if check.note else ""
+            lines.append(
+                f"{indent}  {printable(check.provider)} output '{printable(check.output)}' differs: "
+                f"max abs error {check.max_abs_err:.3g}{note}"
+            )
     if verification.note:
-        lines.append(f"{indent}  note: {verification.note}")
+        lines.append(f"{indent}  note: {printable(verification.note)}")
     return "\n".join(lines)

@@ -1,10 +1,26 @@
 """Errors a user can cause. Each carries a one-line message; the CLI prints it and exits 2."""
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value) -> str:
+    """`value` as text with control characters escaped: names and paths come from the model or
+    the user, and a newline in one must not split a message or forge a line of a report."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
+
 
 class BnfoldError(Exception):
-    """Base of every error bnfold raises on bad input or a failed promise."""
+    """Base of every error bnfold raises on bad input or a failed promise.
+
+    The message is kept on one line whatever names it quotes (see `printable`).
+    """
 
     exit_code = 2
+
+    def __init__(self, message="", *args):
+        super().__init__(printable(message), *args)
 
 
 class InvalidModel(BnfoldError):

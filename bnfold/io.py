@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import pathlib
 import shutil
@@ -29,7 +30,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from bnfold.errors import InvalidModel, WriteFailed
+from bnfold.errors import InvalidModel, UsageError, WriteFailed
 
 PROTOBUF_LIMIT = 2**31  # protobuf cannot serialize or parse a message this large
 # Above this the model is saved with external data; the margin covers what ByteSize() does not
@@ -57,6 +58,7 @@ def load_model(path) -> LoadedModel:
     path = pathlib.Path(path)
     model = _parse_model(_read_model_bytes(path), path)
     _check_is_model(model, path)
+    _check_tensors(model, path)
     # External data is relative to the folder of the path as given (as onnx and onnxruntime do),
     # not to where a symlinked model file points.
     base_dir = path.absolute().parent
@@ -101,8 +103,143 @@ def _check_is_model(model: onnx.ModelProto, path: pathlib.Path) -> None:
     """Another protobuf (a GraphProto, say) often parses as an empty ModelProto; refuse it."""
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InvalidModel(f"cannot load {path}: not an ONNX model (no graph or no IR version)")
-    if not any(o.domain in DEFAULT_DOMAINS for o in model.opset_import):
+    _check_opsets(model, path)
+    _check_text(model, path)
+
+
+def _check_opsets(model: onnx.ModelProto, path: pathlib.Path) -> None:
+    """One version per domain ("" and "ai.onnx" are the same one), and a default-domain version
+    this onnx knows: the checker accepts opset 999 and BN semantics there are unknown."""
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        domain = "" if opset.domain in DEFAULT_DOMAINS else opset.domain
+        if versions.setdefault(domain, opset.version) != opset.version:
+            raise InvalidModel(
+                f"cannot load {path}: opset_import gives domain '{domain or 'ai.onnx'}' two versions "
+                f"({versions[domain]} and {opset.version})"
+            )
+    if "" not in versions:
         raise InvalidModel(f"cannot load {path}: no opset import for the default ONNX domain")
+    newest = onnx.defs.onnx_opset_version()
+    if not 1 <= versions[""] <= newest:
+        raise InvalidModel(
+            f"cannot load {path}: default-domain opset {versions['']} is not supported (this onnx knows 1 to {newest})"
+        )
+
+
+def _check_text(model: onnx.ModelProto, path: pathlib.Path) -> None:
+    """Names must be valid UTF-8: protobuf hands invalid ones back as bytes, which would end up
+    in graph lookups and reports (and crash `--json`)."""
+    for message in _messages(model):
+        for field in _fields(message.DESCRIPTOR)[0]:
+            value = getattr(message, field.name)
+            bad = next((v for v in (value if _is_repeated(field) else [value]) if isinstance(v, bytes)), None)
+            if bad is not None:
+                raise InvalidModel(
+                    f"cannot load {path}: {type(message).__name__}.{field.name} is not valid UTF-8 ({bad[:40]!r})"
+                )
+
+
+def _messages(message):
+    """`message` and all its submessages, without recursion (nesting depth is attacker-chosen).
+
+    Only message fields are read: reading a bytes field (raw_data) would copy the weights.
+    """
+    stack = [message]
+    while stack:
+        message = stack.pop()
+        yield message
+        for field in _fields(message.DESCRIPTOR)[1]:
+            if _is_repeated(field):
+                stack.extend(getattr(message, field.name))
+            elif message.HasField(field.name):
+                stack.append(getattr(message, field.name))
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(descriptor) -> tuple[tuple, tuple]:
+    """(string fields, message fields) of a message type."""
+    strings = tuple(f for f in descriptor.fields if f.type == f.TYPE_STRING)
+    messages = tuple(f for f in descriptor.fields if f.type == f.TYPE_MESSAGE)
+    return strings, messages
+
+
+def _is_repeated(field) -> bool:
+    if hasattr(field, "is_repeated"):  # protobuf >= 5.28; `label` is deprecated there
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
+
+
+# Where each fixed-size dtype keeps its values when not in raw_data, and how many entries one
+# element takes there (complex numbers: two). Sub-byte types (int4, float4, ...) pack several
+# elements per byte with version-dependent rules; their sizes are left to the readers.
+_TYPED_FIELD = {
+    onnx.TensorProto.FLOAT: ("float_data", 1),
+    onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1),
+    onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1),
+    onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1),
+    **dict.fromkeys(
+        (onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+         onnx.TensorProto.UINT8, onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+         *(getattr(onnx.TensorProto, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
+                                                  "FLOAT8E5M2FNUZ", "FLOAT8E8M0") if hasattr(onnx.TensorProto, n))),
+        ("int32_data", 1)),
+}
+_KNOWN_DTYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
+
+
+def _dtype_name(data_type: int) -> str:
+    return onnx.TensorProto.DataType.Name(data_type)
+
+
+def _byte_size(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's values take in raw form; None for strings and sub-byte types."""
+    if tensor.data_type not in _TYPED_FIELD:
+        return None
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return itemsize * _element_count(tensor)
+
+
+def _element_count(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count
+
+
+def _check_tensors(model: onnx.ModelProto, where) -> None:
+    """Every tensor's stored data fits its dtype and shape, checked from sizes alone (nothing is
+    decoded): the checker lets a mismatch through, and decoding it later would crash."""
+    for tensor in iter_tensors(model):
+        problem = _tensor_problem(tensor)
+        if problem:
+            raise InvalidModel(f"cannot load {where}: tensor '{tensor.name}' {problem}")
+
+
+def _tensor_problem(tensor: onnx.TensorProto) -> str:
+    if tensor.data_type not in _KNOWN_DTYPES:
+        return f"has unknown data type {tensor.data_type}"
+    if any(d < 0 for d in tensor.dims):
+        return f"has negative dimensions {list(tensor.dims)}"
+    if tensor.HasField("segment"):
+        return "is segmented (not supported)"
+    if is_external(tensor):
+        return ""  # sizes checked against the data file by _check_external_data
+    shape = f"{_dtype_name(tensor.data_type)} {list(tensor.dims)}"
+    if tensor.data_type == onnx.TensorProto.STRING:
+        stored, expected = len(tensor.string_data), _element_count(tensor)
+        return "" if stored == expected else f"({shape}) holds {stored} strings, expected {expected}"
+    if tensor.data_type not in _TYPED_FIELD:
+        return ""
+    if tensor.HasField("raw_data"):
+        stored, expected = len(tensor.raw_data), _byte_size(tensor)
+        return "" if stored == expected else f"({shape}) holds {stored} bytes of data, expected {expected}"
+    field, per_element = _TYPED_FIELD[tensor.data_type]
+    stored, expected = len(getattr(tensor, field)), per_element * _element_count(tensor)
+    return "" if stored == expected else f"({shape}) holds {stored} values in {field}, expected {expected}"
 
 
 def _run_checker(path: pathlib.Path) -> None:
@@ -180,8 +317,20 @@ def _check_external_data(model: onnx.ModelProto, base_dir: pathlib.Path, where) 
                 f"{where}: tensor '{tensor.name}' external data (offset {ref.offset}, length "
                 f"{ref.length}) runs past the end of '{ref.location}' ({sizes[file]} bytes)"
             )
+        _check_external_length(tensor, ref, sizes[file], where)
         locations.setdefault(ref.location)
     return tuple(locations)
+
+
+def _check_external_length(tensor: onnx.TensorProto, ref: _ExternalRef, file_size: int, where) -> None:
+    """The range read (length, or offset to end of file without one) must hold the tensor."""
+    expected = _byte_size(tensor)
+    length = ref.length if ref.length is not None else file_size - ref.offset
+    if expected is not None and length != expected:
+        raise InvalidModel(
+            f"{where}: tensor '{tensor.name}' ({_dtype_name(tensor.data_type)} {list(tensor.dims)}) needs "
+            f"{expected} bytes but its external data range in '{ref.location}' holds {length}"
+        )
 
 
 def _data_file_size(file: pathlib.Path, location: str, where) -> int:
@@ -258,30 +407,55 @@ class StagedModel:
     As a context manager it discards on exit unless committed.
     """
 
-    def __init__(self, dst: pathlib.Path, tmp_dir: pathlib.Path):
+    def __init__(self, dst: pathlib.Path, tmp_dir: pathlib.Path, in_place: bool = False):
         self.dst = dst
         self.tmp_dir = tmp_dir
         self.path = tmp_dir / dst.name
+        self.in_place = in_place  # dst is the source model
         self.data_files: list[str] = []  # names inside tmp_dir, moved next to dst on commit
+        self.extended: set[str] = set()  # data files that are a source data file plus appended bytes
         self.committed = False
 
     def commit(self) -> pathlib.Path:
-        """Data first, model last: until the model rename the old model is what dst holds."""
+        """Data first, model last: until the model rename the old model is what dst holds.
+
+        An old model at dst that is not the source may read a data file about to be replaced
+        with unrelated bytes; it is removed first, so a crash in between leaves no model rather
+        than an old model reading new data. (The source, in place, only reads data files that
+        are replaced by themselves plus appended bytes.)
+        """
         if self.committed:
             return self.dst
+        created: list[pathlib.Path] = []  # data files that did not exist before: taken back on failure
         try:
+            if self._clobbers_old_data():
+                os.unlink(self.dst)
             for name in self.data_files:
-                os.replace(self.tmp_dir / name, self.dst.parent / name)
+                target = self.dst.parent / name
+                if not target.exists():
+                    created.append(target)
+                os.replace(self.tmp_dir / name, target)
             if self.data_files:  # the data renames must be durable before the model's
                 _sync_dir(self.dst.parent)
             os.replace(self.path, self.dst)
-            _sync_dir(self.dst.parent)
         except OSError as e:
+            for target in created:
+                with contextlib.suppress(OSError):
+                    target.unlink()
             self.discard()
             raise WriteFailed(f"cannot write {self.dst}: {e.strerror or e}") from None
         self.committed = True
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        try:
+            _sync_dir(self.dst.parent)
+        except OSError as e:
+            raise WriteFailed(f"{self.dst} was written but could not be synced to disk: {e.strerror or e}") from None
         return self.dst
+
+    def _clobbers_old_data(self) -> bool:
+        if self.in_place or not self.dst.exists():
+            return False
+        return any(n not in self.extended and (self.dst.parent / n).exists() for n in self.data_files)
 
     def discard(self) -> None:
         if not self.committed:
@@ -309,12 +483,13 @@ def stage_model(
     With external data in `source` (or a model too big to embed), tensors in memory of at
     least `size_threshold` bytes go to the data file; smaller ones stay embedded.
     """
-    dst = _check_destination(dst)
+    dst = _check_destination(dst, source)
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".bnfold", dir=dst.parent)
     except OSError as e:
         raise WriteFailed(f"cannot write {dst}: {e.strerror or e}") from None
-    staged = StagedModel(dst, pathlib.Path(tmp_dir))
+    in_place = source is not None and dst.resolve() == source.path
+    staged = StagedModel(dst, pathlib.Path(tmp_dir), in_place)
     try:
         _write_staged(model, staged, source, size_threshold)
     except OSError as e:
@@ -326,14 +501,36 @@ def stage_model(
     return staged
 
 
-def _check_destination(dst) -> pathlib.Path:
+def _check_destination(dst, source: LoadedModel | None) -> pathlib.Path:
     dst = pathlib.Path(dst).absolute()
     if dst.is_dir():
         raise WriteFailed(f"cannot write {dst}: is a directory")
     if not dst.parent.is_dir():
         problem = "is not a folder" if dst.parent.exists() else "does not exist"
         raise WriteFailed(f"cannot write {dst}: {dst.parent} {problem}")
+    if source is not None and dst.resolve() in _source_data_files(source):
+        raise UsageError(f"output {dst} is an external data file of the input model; choose another output")
     return dst
+
+
+def _source_data_files(source: LoadedModel) -> set[pathlib.Path]:
+    return {(source.base_dir / location).resolve() for location in source.external_files}
+
+
+def _check_data_targets(staged: StagedModel, source: LoadedModel | None, renames: dict[str, str], names) -> None:
+    """A data file written for dst may replace a source file only with that file's own copy
+    plus appended bytes (see `_plan_data_names`); never the input model or another data file."""
+    if source is None:
+        return
+    inputs = _source_data_files(source) | {source.path}
+    copies_of = {name: (source.base_dir / location).resolve() for location, name in renames.items()}
+    for name in names:
+        target = (staged.dst.parent / name).resolve()
+        if target in inputs and copies_of.get(name) != target:
+            raise UsageError(
+                f"output {staged.dst} would write its data file '{name}' over the input's {target}; "
+                "choose another output name"
+            )
 
 
 def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_threshold: int) -> None:
@@ -344,8 +541,10 @@ def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_t
     if not keeps_external and model.ByteSize() <= MAX_EMBEDDED:
         _write_file(staged.path, model.SerializeToString())
     else:
-        renames = _copy_data_files(staged, source, referenced)
+        renames = _plan_data_names(staged.dst, referenced, source.base_dir if source else None)
         append_to = next(iter(renames.values()), f"{staged.dst.name}.data")
+        _check_data_targets(staged, source, renames, [*renames.values(), append_to])
+        _copy_data_files(staged, source, renames)
         with _externalized(model, staged, append_to, renames, size_threshold):
             if model.ByteSize() >= PROTOBUF_LIMIT:
                 raise WriteFailed(f"cannot write {staged.dst}: over 2 GiB even with weights in external data")
@@ -355,14 +554,14 @@ def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_t
     _sync_dir(staged.tmp_dir)
 
 
-def _copy_data_files(staged: StagedModel, source: LoadedModel | None, locations: list[str]) -> dict[str, str]:
+def _copy_data_files(staged: StagedModel, source: LoadedModel | None, renames: dict[str, str]) -> None:
     """Copy each referenced source data file under its output name; unchanged bytes stay put."""
-    renames = _plan_data_names(staged.dst, locations, source.base_dir if source else None)
     for location, name in renames.items():
         shutil.copyfile(source.base_dir / location, staged.tmp_dir / name)
         _sync_path(staged.tmp_dir / name)
         staged.data_files.append(name)
-    return renames
+        if (staged.dst.parent / name).resolve() == (source.base_dir / location).resolve():
+            staged.extended.add(name)
 
 
 def _plan_data_names(dst: pathlib.Path, locations: list[str], base_dir) -> dict[str, str]:

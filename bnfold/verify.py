@@ -39,6 +39,9 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 REFERENCE = "onnx.reference"
 DEFAULT_DIM = 2
+# Seeded inputs are generated in float64 first: 2**28 elements is 2 GiB, far above real inputs
+# (an image batch is ~10**6) and far below what a hostile shape asks for.
+MAX_GENERATED_ELEMENTS = 2**28
 # Protobuf cannot serialise a message of 2 GiB or more; such models go to onnxruntime as files.
 _MAX_PROTO_BYTES = 2**31 - 1
 _RUN_HINT = "the inputs may not fit the model; pass --dim NAME=SIZE or --inputs FILE.npz"
@@ -138,8 +141,10 @@ def default_tolerance(dtype) -> tuple[float, float]:
 # ---------------------------------------------------------------- providers
 
 
-def _session_options(severity: int = 3):
-    """ORT_DISABLE_ALL so onnxruntime cannot fuse BN itself; warnings (old opsets) stay quiet."""
+def _session_options(severity: int = 4):
+    """ORT_DISABLE_ALL so onnxruntime cannot fuse BN itself. Only fatal messages are logged:
+    warnings (old opsets) are noise, and errors come back as exceptions that bnfold reports in
+    one line, so onnxruntime's own copy on stderr would only repeat them."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -212,7 +217,11 @@ def _free_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 def _input_dtype(value: onnx.ValueInfoProto) -> np.dtype:
     if value.type.WhichOneof("value") != "tensor_type":
         raise UsageError(f"input '{value.name}' is not a tensor; pass its value with --inputs FILE.npz")
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+    elem_type = value.type.tensor_type.elem_type
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):  # UNDEFINED (0) or a number no dtype has
+        raise InvalidModel(f"input '{value.name}' has no valid element type ({elem_type})") from None
 
 
 def _symbolic_dims(model: onnx.ModelProto) -> set[str]:
@@ -248,6 +257,13 @@ def _input_shape(value: onnx.ValueInfoProto, dims: dict[str, int]) -> tuple[int,
             shape.append(d.dim_value)
         else:
             shape.append(dims.get(d.dim_param, DEFAULT_DIM))
+    if any(size < 0 for size in shape):
+        raise InvalidModel(f"input '{value.name}' has a negative dimension {tuple(shape)}")
+    if math.prod(shape) > MAX_GENERATED_ELEMENTS:
+        raise UsageError(
+            f"input '{value.name}' of shape {tuple(shape)} is too large to generate "
+            f"(over {MAX_GENERATED_ELEMENTS} elements); pass --dim NAME=SIZE or --inputs FILE.npz"
+        )
     return tuple(shape)
 
 
