@@ -59,8 +59,12 @@ def fold(model: ModelLike, *, rules: Iterable[str] | None = None, base_dir=None)
     return fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir)
 
 
-def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None) -> FoldResult:
-    """Fold `model` in place (callers that must keep their input pass a copy)."""
+def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None) -> FoldResult:
+    """Fold `model` in place (callers that must keep their input pass a copy).
+
+    `skip` maps (graph path, BN label) to the reason a BN is kept without trying any rule
+    (folds that verification rolled back, see bnfold.rollback).
+    """
     started = time.perf_counter()
     active = select_rules(rules)
     index = ModelIndex(model, base_dir)
@@ -68,7 +72,7 @@ def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None) -> FoldResu
     folded: list[Folded] = []
     kept: list[Kept] = []
     for graph in list(index.graphs):
-        graph_folded, graph_kept = apply_rules(graph, active)
+        graph_folded, graph_kept = apply_rules(graph, active, skip or {})
         folded += graph_folded
         kept += graph_kept
     index.finish()
@@ -96,7 +100,7 @@ def count_batchnorms(index: ModelIndex) -> int:
     return sum(is_batchnorm(n) for g in index.graphs for n in g.live_nodes())
 
 
-def apply_rules(graph: GraphIndex, rules) -> tuple[list[Folded], list[Kept]]:
+def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list[Kept]]:
     """Fold BN nodes of one graph until a pass folds nothing more; one record per BN."""
     folded: list[Folded] = []
     outcome: dict[int, Kept] = {}
@@ -106,7 +110,7 @@ def apply_rules(graph: GraphIndex, rules) -> tuple[list[Folded], list[Kept]]:
         for node in graph.live_nodes():
             if not is_batchnorm(node):
                 continue
-            result = fold_one(node, graph, rules)
+            result = fold_one(node, graph, rules, skip)
             if isinstance(result, Folded):
                 folded.append(result)
                 outcome.pop(id(node), None)
@@ -116,7 +120,7 @@ def apply_rules(graph: GraphIndex, rules) -> tuple[list[Folded], list[Kept]]:
     return folded, list(outcome.values())
 
 
-def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules) -> Folded | Kept:
+def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules, skip=None) -> Folded | Kept:
     """Fold one BN into the op producing its input (forward) if possible, else into the op
     reading its output (backward); the record names the rule, so the direction.
 
@@ -124,6 +128,9 @@ def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules) -> Folded | Kept:
     the backward one is left out when only the forward side had an op a rule folds into (Conv ->
     BN -> Relu with a Conv fan-out: the Relu says nothing useful).
     """
+    reason = skip.get((graph.path, node_label(node))) if skip else None
+    if reason:
+        return Kept(node_label(node), reason, graph.path)
     bn = match_batchnorm(node, graph)
     if isinstance(bn, Kept):
         return bn
