@@ -172,6 +172,7 @@ def fold_file(
     *,
     verify: bool = True,
     in_place: bool = False,
+    strict: bool = False,
     rules=None,
     inputs=None,
     dims=None,
@@ -183,7 +184,9 @@ def fold_file(
 
     The output is staged in its destination folder and only committed when verification
     passes, so a failed verification leaves no output and the input is never touched
-    (unless `in_place`, which still replaces it atomically).
+    (unless `in_place`, which still replaces it atomically). When verification fails, the
+    folds responsible are found and undone (their BN kept with the reason, see bnfold.rollback)
+    and the result verified again; `strict` makes a failure an error instead.
     """
     from bnfold import io
 
@@ -194,26 +197,67 @@ def fold_file(
     if not in_place and target.resolve() == loaded.path:
         raise UsageError(f"output {target} is the input; pass --in-place to overwrite it")
     result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir)
+    settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol)
+    verification = _stage_and_verify(result, loaded, target, verify, settings)
+    if isinstance(verification, FoldResult):
+        return verification
+    if strict:
+        raise _failure(verification, "--strict: nothing rolled back")
+    result = _roll_back(result, loaded, target, rules, verification, settings)
+    final = _stage_and_verify(result, loaded, target, verify, settings)
+    if isinstance(final, FoldResult):
+        return final
+    raise _failure(final, "even after rolling back the folds that failed alone")
+
+
+def _stage_and_verify(result: FoldResult, loaded, target, verify: bool, settings: dict):
+    """The committed FoldResult when the staged output verifies (or verify is off), else the
+    failed Verification (nothing written)."""
+    from bnfold import io
+
     with io.stage_model(result.model, target, source=loaded) as staged:
         verification = None
         if verify and result.modified:
-            verification = _verify_staged(loaded.path, staged.path, inputs, dims, providers, rtol, atol)
+            verification = _verify_path(loaded.path, staged.path, settings)
+            if not verification.passed:
+                return verification
         path = staged.commit()
     return dataclasses.replace(result, verification=verification, path=path)
 
 
-def _verify_staged(reference, candidate, inputs, dims, providers, rtol, atol):
+def _roll_back(result: FoldResult, loaded, target, rules, verification, settings) -> FoldResult:
+    """Refold `loaded`'s file keeping the BN whose folds fail verification (bisection)."""
+    from bnfold import io, rollback
+
+    folds, kept = result.report.folded, result.report.kept
+
+    def refold(skip: dict) -> FoldResult:
+        source = io.load_model(loaded.path)
+        return fold_model(source.model, rules=rules, base_dir=source.base_dir, skip=skip)
+
+    def trial(subset) -> tuple[bool, float]:
+        chosen = set(subset)
+        skip = rollback.skip_map([*kept, *(f for f in folds if f not in chosen)])
+        with io.stage_model(refold(skip).model, target, source=loaded) as staged:
+            outcome = _verify_path(loaded.path, staged.path, settings)
+        return outcome.passed, outcome.max_abs_err()
+
+    failing = rollback.find_failing_folds(folds, trial, verification.max_abs_err())
+    return refold(rollback.skip_map(failing, failing))
+
+
+def _verify_path(reference, candidate, settings: dict):
     from bnfold.verify import verify as run_verify
 
-    verification = run_verify(
-        reference, candidate, inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol
+    return run_verify(reference, candidate, **settings)
+
+
+def _failure(verification, why: str) -> VerificationFailed:
+    return VerificationFailed(
+        f"folded model differs from the original (max abs error {verification.max_abs_err():.3g}); "
+        f"{why}; nothing written",
+        verification,
     )
-    if not verification.passed:
-        raise VerificationFailed(
-            f"folded model differs from the original (max abs error {verification.max_abs_err():.3g}); nothing written",
-            verification,
-        )
-    return verification
 
 
 def check(model: ModelLike, *, rules=None) -> FoldReport:

@@ -110,15 +110,16 @@ def main():
 @click.option("-o", "--output", type=click.Path(), help="Output path (default: MODEL.folded.onnx).")
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL (atomically) instead of writing a new file.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
+@click.option("--strict", is_flag=True, help="Fail (exit 1) when verification fails, instead of rolling back the folds responsible.")
 @click.option("--rules", help="Comma-separated rule names to apply (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @verify_options
-def fold_command(model, output, in_place, no_verify, rules, as_json, dims, inputs, rtol, atol, providers):
+def fold_command(model, output, in_place, no_verify, strict, rules, as_json, dims, inputs, rtol, atol, providers):
     """Fold, verify and write MODEL.folded.onnx (or -o OUTPUT)."""
 
     def action():
         result = api.fold_file(
-            model, output, verify=not no_verify, in_place=in_place, rules=parse_rules(rules),
+            model, output, verify=not no_verify, in_place=in_place, strict=strict, rules=parse_rules(rules),
             inputs=inputs, dims=parse_dims(dims), providers=list(providers) or None, rtol=rtol, atol=atol,
         )
         click.echo(render_fold(model, result, verified=not no_verify), err=True)

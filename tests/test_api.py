@@ -62,14 +62,14 @@ def test_api_fold_file_external_data_keeps_layout(tmp_path, rng):
     assert_same_outputs(onnx.load(src), onnx.load(result.path), rng)
 
 
-def test_api_fold_file_wrong_fold_is_not_written(tmp_path, rng, monkeypatch):
-    """If a fold were wrong, verification catches it and nothing is written."""
+def test_api_fold_file_wrong_fold_strict_is_not_written(tmp_path, rng, monkeypatch):
+    """If a fold were wrong, verification catches it; with strict nothing is written."""
     src = tmp_path / "m.onnx"
     onnx.save(conv_chain(rng), src)
     real = algebra.bn_scale_shift
     monkeypatch.setattr(algebra, "bn_scale_shift", lambda *a, **k: (real(*a, **k)[0], real(*a, **k)[1] + 0.1))
     with pytest.raises(bnfold.VerificationFailed, match="nothing written") as err:
-        bnfold.fold_file(src)
+        bnfold.fold_file(src, strict=True)
     assert not err.value.verification.passed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 

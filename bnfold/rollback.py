@@ -1,0 +1,58 @@
+"""Prove each fold: when the folded model fails verification, find the folds responsible, undo
+exactly those and keep their BN with the reason.
+
+The culprits are found by group testing over the applied folds: a set of folds that verifies
+as a whole is innocent; a failing set is split in halves and each half tested alone. With k
+culprits among n folds that costs O(k log n) verifications instead of n. When both halves pass
+but the whole fails (two folds that are only wrong together), the whole set is undone: keeping a
+BN that was fine is cheap, a wrong answer is not.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from bnfold.report import Folded
+
+# A trial: apply only `folds`, verify, return (passed, max abs error).
+Trial = Callable[[Sequence[Folded]], tuple[bool, float]]
+
+
+def find_failing_folds(folds: Sequence[Folded], trial: Trial, error: float) -> dict[Folded, float]:
+    """The folds to undo, each with the max abs error of the smallest failing set it was in.
+
+    The caller has verified all of `folds` together: they fail with max abs error `error`.
+    """
+    failing: dict[Folded, float] = {}
+    _bisect(list(folds), trial, error, failing)
+    return failing
+
+
+def _bisect(folds: list[Folded], trial: Trial, error: float | None, failing: dict) -> None:
+    """`folds` fails (with `error`, None when not yet measured): record its culprits."""
+    if error is None:
+        passed, error = trial(folds)
+        if passed:
+            return
+    if len(folds) == 1:
+        failing[folds[0]] = error
+        return
+    half = len(folds) // 2
+    found = len(failing)
+    for part in (folds[:half], folds[half:]):
+        _bisect(part, trial, None, failing)
+    if len(failing) == found:  # each half verifies alone: only the combination fails
+        failing.update(dict.fromkeys(folds, error))
+
+
+def skip_map(records, errors: dict[Folded, float] | None = None) -> dict[tuple[str, str], str]:
+    """fold_model's `skip` keeping the BN of `records` (Folded or Kept): with the rollback reason
+    when `errors` is given, else a neutral one (a trial that leaves them out)."""
+    return {
+        (r.graph, r.bn): rollback_reason(errors[r]) if errors else "left out of a verification trial"
+        for r in records
+    }
+
+
+def rollback_reason(error: float) -> str:
+    return f"verification failed: max abs error {error:.3g} when folded (rolled back)"

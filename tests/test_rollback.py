@@ -1,0 +1,134 @@
+"""Prove each fold: a fold that fails verification is found by bisection, undone, and reported.
+
+A wrong fold is simulated by breaking one rule for chosen BN (what a bug in a rule would do);
+the output must then verify against the original independently of bnfold (conftest helpers).
+"""
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+import bnfold
+from bnfold.cli import main
+from bnfold.report import Folded
+from bnfold.rollback import find_failing_folds
+from bnfold.rules.base import WeightAndBiasRule
+from conftest import assert_same_outputs, bn_node, count_bn, make_model, tensor, value_info
+
+
+def conv_chain(rng, blocks: int, channels: int = 4):
+    inits, nodes, x = [], [], "x"
+    for i in range(blocks):
+        cin = 3 if i == 0 else channels
+        inits.append(tensor(f"W{i}", rng.normal(0, 0.3, [channels, cin, 3, 3]).astype(np.float32)))
+        nodes += [
+            helper.make_node("Conv", [x, f"W{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+            bn_node(inits, f"c{i}", f"b{i}", rng, channels, name=f"bn{i}"),
+            helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        x = f"r{i}"
+    return make_model(nodes, [value_info("x", np.float32, [1, 3, 6, 6])], [value_info(x, np.float32, [1, channels, 6, 6])], inits)
+
+
+@pytest.fixture
+def break_folds_of(monkeypatch):
+    """Make the Conv-family rule fold the named BN wrongly (bias off by 0.5)."""
+
+    def apply(*labels):
+        real = WeightAndBiasRule.plan
+
+        def wrong_plan(self, bn, node, graph):
+            plan = real(self, bn, node, graph)
+            if bn.label in labels and not isinstance(plan, bnfold.Kept):
+                n, position, bias = plan.new_inputs[1]
+                plan.new_inputs[1] = (n, position, (bias + 0.5).astype(bias.dtype))
+            return plan
+
+        monkeypatch.setattr(WeightAndBiasRule, "plan", wrong_plan)
+
+    return apply
+
+
+def folds(n):
+    return [Folded(f"bn{i}", f"conv{i}", "bn_into_conv") for i in range(n)]
+
+
+def counting_trial(bad, combos=()):
+    calls = []
+
+    def trial(subset):
+        calls.append(list(subset))
+        names = {f.bn for f in subset}
+        failed = bool(names & set(bad)) or any(set(c) <= names for c in combos)
+        return not failed, 1.0 if failed else 0.0
+
+    return trial, calls
+
+
+def test_find_failing_folds_single_culprit_logarithmic_trials():
+    trial, calls = counting_trial(["bn37"])
+    failing = find_failing_folds(folds(64), trial, error=1.0)
+    assert [f.bn for f in failing] == ["bn37"]
+    assert len(calls) <= 2 * 6, "bisection, not one trial per fold"
+
+
+def test_find_failing_folds_two_culprits_both_found():
+    trial, _ = counting_trial(["bn2", "bn9"])
+    assert sorted(f.bn for f in find_failing_folds(folds(12), trial, error=1.0)) == ["bn2", "bn9"]
+
+
+def test_find_failing_folds_failing_only_together_undoes_the_group():
+    """bn1 and bn6 pass alone but fail together: the smallest failing set containing both is undone."""
+    trial, _ = counting_trial([], combos=[("bn1", "bn6")])
+    failing = {f.bn for f in find_failing_folds(folds(8), trial, error=1.0)}
+    assert {"bn1", "bn6"} <= failing
+    assert trial([f for f in folds(8) if f.bn not in failing])[0], "what is left verifies"
+
+
+def test_rollback_wrong_fold_undone_rest_folded(tmp_path, rng, break_folds_of):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_chain(rng, blocks=6), src)
+    break_folds_of("bn4")
+    result = bnfold.fold_file(src)
+    assert result.verification.passed
+    assert [k.bn for k in result.report.kept] == ["bn4"]
+    assert result.report.kept[0].reason.startswith("verification failed: max abs error")
+    assert result.report.rule_counts() == {"bn_into_conv": 5}
+    folded = onnx.load(result.path)
+    assert count_bn(folded) == 1
+    assert_same_outputs(onnx.load(src), folded, rng)
+
+
+def test_rollback_all_folds_wrong_writes_unfolded_model(tmp_path, rng, break_folds_of):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_chain(rng, blocks=3), src)
+    break_folds_of("bn0", "bn1", "bn2")
+    result = bnfold.fold_file(src)
+    assert not result.modified and result.verification is None
+    assert sorted(k.bn for k in result.report.kept) == ["bn0", "bn1", "bn2"]
+    assert_same_outputs(onnx.load(src), onnx.load(result.path), rng)
+
+
+def test_rollback_strict_fails_and_writes_nothing(tmp_path, rng, break_folds_of):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_chain(rng, blocks=3), src)
+    break_folds_of("bn1")
+    with pytest.raises(bnfold.VerificationFailed, match="--strict"):
+        bnfold.fold_file(src, strict=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_rollback_cli_reports_kept_fold_and_strict_exits_1(tmp_path, rng, break_folds_of):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_chain(rng, blocks=3), src)
+    break_folds_of("bn1")
+    runner = CliRunner()
+    ok = runner.invoke(main, [str(src)])
+    assert ok.exit_code == 0, ok.output
+    assert "kept bn1: verification failed" in ok.stderr
+    (tmp_path / "m.folded.onnx").unlink()
+    strict = runner.invoke(main, [str(src), "--strict"])
+    assert strict.exit_code == 1, strict.output
+    assert not (tmp_path / "m.folded.onnx").exists()
