@@ -179,6 +179,7 @@ def fold_file(
     providers=None,
     rtol=None,
     atol=None,
+    on_phase=None,
 ) -> FoldResult:
     """Fold the model file `src`, verify the written result against it, then move it into place.
 
@@ -186,38 +187,45 @@ def fold_file(
     passes, so a failed verification leaves no output and the input is never touched
     (unless `in_place`, which still replaces it atomically). When verification fails, the
     folds responsible are found and undone (their BN kept with the reason, see bnfold.rollback)
-    and the result verified again; `strict` makes a failure an error instead.
+    and the result verified again; `strict` makes a failure an error instead. `on_phase(text)`
+    is told what is being done (for a progress display).
     """
     from bnfold import io
 
+    phase = on_phase or (lambda text: None)
+    phase("loading")
     loaded = io.load_model(src)
     if in_place and dst is not None and pathlib.Path(dst).resolve() != loaded.path:
         raise UsageError("--in-place and an output path are mutually exclusive")
     target = loaded.path if in_place else pathlib.Path(dst) if dst else default_output_path(loaded.path)
     if not in_place and target.resolve() == loaded.path:
         raise UsageError(f"output {target} is the input; pass --in-place to overwrite it")
+    phase("folding")
     result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir)
     settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol)
-    verification = _stage_and_verify(result, loaded, target, verify, settings)
+    verification = _stage_and_verify(result, loaded, target, verify, settings, phase)
     if isinstance(verification, FoldResult):
         return verification
     if strict:
         raise _failure(verification, "--strict: nothing rolled back")
+    phase("verification failed: finding the folds responsible")
     result = _roll_back(result, loaded, target, rules, verification, settings)
-    final = _stage_and_verify(result, loaded, target, verify, settings)
+    final = _stage_and_verify(result, loaded, target, verify, settings, phase)
     if isinstance(final, FoldResult):
         return final
     raise _failure(final, "even after rolling back the folds that failed alone")
 
 
-def _stage_and_verify(result: FoldResult, loaded, target, verify: bool, settings: dict):
+def _stage_and_verify(result: FoldResult, loaded, target, verify: bool, settings: dict, phase):
     """The committed FoldResult when the staged output verifies (or verify is off), else the
     failed Verification (nothing written)."""
     from bnfold import io
 
+    phase("writing")
     with io.stage_model(result.model, target, source=loaded) as staged:
         verification = None
         if verify and result.modified:
+            phase("verifying")
             verification = _verify_path(loaded.path, staged.path, settings)
             if not verification.passed:
                 return verification

@@ -12,8 +12,9 @@ import warnings
 
 import click
 
-from bnfold import api
+from bnfold import api, batch
 from bnfold.errors import BnfoldError, UsageError, VerificationFailed, printable
+from bnfold.progress import Progress
 
 EXIT_CODES = """\b
 Exit codes:
@@ -106,27 +107,69 @@ def main():
 
 
 @main.command("fold", epilog=EXIT_CODES)
-@click.argument("model", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", type=click.Path(), help="Output path (default: MODEL.folded.onnx).")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), help="Output path (default: MODEL.folded.onnx); one MODEL only.")
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL (atomically) instead of writing a new file.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when verification fails, instead of rolling back the folds responsible.")
 @click.option("--rules", help="Comma-separated rule names to apply (default: all).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel processes (several MODELs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @verify_options
-def fold_command(model, output, in_place, no_verify, strict, rules, as_json, dims, inputs, rtol, atol, providers):
-    """Fold, verify and write MODEL.folded.onnx (or -o OUTPUT)."""
+def fold_command(models, output, in_place, no_verify, strict, rules, jobs, as_json, dims, inputs, rtol, atol, providers):
+    """Fold, verify and write MODEL.folded.onnx (or -o OUTPUT).
+
+    Several MODELs, or a directory (its .onnx files), are folded one by one (or -j N at a
+    time); a bad model does not stop the others, and the exit code is the worst of them.
+    """
 
     def action():
-        result = api.fold_file(
-            model, output, verify=not no_verify, in_place=in_place, strict=strict, rules=parse_rules(rules),
+        options = dict(
+            verify=not no_verify, in_place=in_place, strict=strict, rules=parse_rules(rules),
             inputs=inputs, dims=parse_dims(dims), providers=list(providers) or None, rtol=rtol, atol=atol,
         )
-        click.echo(render_fold(model, result, verified=not no_verify), err=True)
-        if as_json:
-            click.echo(json.dumps({"input": str(model), **result.to_dict()}, indent=2))
+        if len(models) == 1 and not os.path.isdir(models[0]):
+            fold_single(models[0], output, options, as_json)
+        elif output is not None:
+            what = f"{models[0]} is a directory" if len(models) == 1 else "several are written next to their inputs"
+            raise UsageError(f"-o/--output takes a single model file; {what}")
+        else:
+            fold_batch(models, options, jobs, as_json)
 
     run_guarded(action)
+
+
+def fold_single(model, output, options: dict, as_json: bool) -> None:
+    with Progress(enabled=not as_json) as progress:
+        result = api.fold_file(model, output, on_phase=lambda text: progress.update(f"{model}: {text}"), **options)
+    click.echo(render_fold(model, result, verified=options["verify"]), err=True)
+    if as_json:
+        click.echo(json.dumps({"input": str(model), **result.to_dict()}, indent=2))
+
+
+def fold_batch(models, options: dict, jobs: int, as_json: bool) -> None:
+    paths = batch.expand_models(models)
+    with Progress(enabled=not as_json) as progress:
+        outcomes = batch.fold_files(
+            paths, options, jobs,
+            on_done=lambda outcome, count: progress.update(f"{count}/{len(paths)} models done, last {outcome.path}"),
+        )
+    for outcome in outcomes:
+        click.echo(render_outcome(outcome, options["verify"]), err=True)
+    failed = [o for o in outcomes if o.exit_code]
+    click.echo(f"bnfold: {len(outcomes)} models, {len(outcomes) - len(failed)} written, {len(failed)} failed", err=True)
+    if as_json:
+        click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2))
+    sys.exit(batch.batch_exit_code(outcomes))
+
+
+def render_outcome(outcome, verified: bool) -> str:
+    if outcome.result is not None:
+        return render_fold(outcome.path, outcome.result, verified)
+    lines = [render_verification(outcome.verification)] if outcome.verification is not None else []
+    what = "verification failed" if outcome.exit_code == 1 else "error"
+    lines.append(f"bnfold: {printable(outcome.path)}: {what}: {outcome.error}")
+    return "\n".join(lines)
 
 
 @main.command("check", epilog=EXIT_CODES)
