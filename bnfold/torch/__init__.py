@@ -9,6 +9,11 @@ The functions `fold` and `export` shadow their submodules' names on purpose (imp
 the attribute is always the function); `from bnfold.torch.fold import ...` still reaches the module.
 """
 
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as err:  # the ONNX side never needs torch; this side says how to get it
+    raise ImportError("bnfold.torch needs PyTorch: pip install 'bnfold[torch]'") from err
+
 from bnfold.torch.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, swap_in, swap_out
 from bnfold.torch.fold import TorchFoldResult, fold
 from bnfold.torch.export import TorchExportResult, export  # noqa: I001 (after fold: export uses it)
