@@ -33,7 +33,17 @@ CONSTANT_FOLDABLE_OPS = frozenset(
 # fold that keeps dtype and shape cannot change what they compute.
 METADATA_OPS = frozenset({"Shape", "Size", "CastLike"})
 MAX_CONSTANT_DEPTH = 16
+# Elements a constant evaluation may produce beyond what its inputs already hold: BN parameters
+# and biases have one per channel; a ConstantOfShape([2**32]) is not fold material.
+MAX_CONSTANT_GROWTH = 2**22
+_UNKNOWN = object()
+_TOO_DEEP = object()
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def _domain(domain: str) -> str:
+    """"ai.onnx" is the default domain's full name: one key for both spellings."""
+    return "" if domain in DEFAULT_DOMAINS else domain
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -71,7 +81,7 @@ class ModelIndex:
     def __init__(self, model: onnx.ModelProto, base_dir: str | pathlib.Path | None = None):
         self.model = model
         self.base_dir = pathlib.Path(base_dir) if base_dir is not None else None
-        self.opsets = {(o.domain or ""): o.version for o in model.opset_import}
+        self.opsets = {_domain(o.domain): o.version for o in model.opset_import}
         self.names: set[str] = set()
         self._counter = itertools.count()
         self._types: dict[str, tuple[int, tuple | None]] | None = None
@@ -87,7 +97,7 @@ class ModelIndex:
                 self._walk(sub, f"{path}{node_label(node)}/{attr_name}/", index)
 
     def opset(self, domain: str = "") -> int:
-        return self.opsets.get("" if domain in DEFAULT_DOMAINS else domain, 0)
+        return self.opsets.get(_domain(domain), 0)
 
     def unique_name(self, base: str) -> str:
         """A value name used nowhere in the model (subgraphs included), derived from `base`."""
@@ -180,7 +190,8 @@ class GraphIndex:
         self.outputs = {o.name for o in graph.output}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self._constants: dict[str, np.ndarray | None] = {}
+        self._constants: dict[str, tuple[np.ndarray, int] | None] = {}  # see _constant
+        self._too_deep: dict[str, int] = {}  # name -> largest budget its subgraph exceeded
         self._index_nodes()
 
     def _index_nodes(self) -> None:
@@ -227,39 +238,69 @@ class GraphIndex:
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of `name` if it is a constant the fold may rely on, else None."""
-        if name not in self._constants:
-            self._constants[name] = self._lookup_constant(name, 0)
-        return self._constants[name]
+        found = self._constant(name, MAX_CONSTANT_DEPTH)
+        return found[0] if isinstance(found, tuple) else None
 
-    def _lookup_constant(self, name: str, depth: int) -> np.ndarray | None:
-        if not name or depth > MAX_CONSTANT_DEPTH or self.is_overridable(name):
+    def _constant(self, name: str, budget: int):
+        """(value, height) of constant `name`, None if it is not one, or _TOO_DEEP when its
+        constant subgraph is higher than `budget` nodes.
+
+        Memoised per value (a shared input is evaluated once, however many nodes read it). The
+        height (0 for an initializer or Constant, else 1 + its highest input) is intrinsic, so
+        the answer does not depend on which query reached a value first.
+        """
+        if not name or self.is_overridable(name):
             return None
+        known = self._constants.get(name, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known if known is None or known[1] <= budget else _TOO_DEEP
+        if budget < 0 or self._too_deep.get(name, -1) >= budget:
+            return _TOO_DEEP
+        found = self._lookup_constant(name, budget)
+        if found is _TOO_DEEP:
+            self._too_deep[name] = budget
+        else:
+            self._constants[name] = found
+        return found
+
+    def _lookup_constant(self, name: str, budget: int):
         if name in self.initializers:
-            return self.model.read_tensor(self.initializers[name])
+            value = self.model.read_tensor(self.initializers[name])
+            return None if value is None else (value, 0)
         node = self.producer.get(name)
         if node is None:
-            return self.outer.constant(name) if self.outer is not None else None
-        if node.domain not in DEFAULT_DOMAINS or node.op_type not in CONSTANT_FOLDABLE_OPS:
+            value = self.outer.constant(name) if self.outer is not None else None
+            return None if value is None else (value, 0)
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in CONSTANT_FOLDABLE_OPS or name != node.output[0]:
             return None
         if node.op_type == "Constant":
-            return _constant_node_value(node)
-        if node.op_type == "Identity":
-            return self._lookup_constant(node.input[0], depth + 1)
-        if node.op_type in METADATA_OPS:
-            return self._metadata_constant(node, depth)
-        values = [self._lookup_constant(i, depth + 1) if i else None for i in node.input]
-        if any(v is None for i, v in zip(node.input, values) if i):
+            value = _constant_node_value(node)
+            return None if value is None else (value, 0)
+        if node.op_type in ("Shape", "Size"):
+            value = self._metadata_constant(node)
+            return None if value is None else (value, 0)
+        inputs = node.input[:1] if node.op_type == "CastLike" else node.input
+        found = [self._constant(i, budget - 1) if i else (None, -1) for i in inputs]
+        if any(f is None for f in found):
             return None
-        return _evaluate(node, values, self.model.opset(""))
-
-    def _metadata_constant(self, node: onnx.NodeProto, depth: int) -> np.ndarray | None:
-        """Shape / Size / CastLike read only the static type of a value, not its contents."""
+        if any(f is _TOO_DEEP for f in found):
+            return _TOO_DEEP
+        height = 1 + max((h for _, h in found), default=0)
         if node.op_type == "CastLike":
-            value = self._lookup_constant(node.input[0], depth + 1)
-            found = self.model.value_type(node.input[1])
-            if value is None or found is None or not found[0]:
-                return None
-            return value.astype(onnx.helper.tensor_dtype_to_np_dtype(found[0]))
+            value = self._cast_like(node, found[0][0])
+        else:
+            value = _evaluate_bounded(node, [v for v, _ in found], self.model.opset(""))
+        return None if value is None else (value, height)
+
+    def _cast_like(self, node: onnx.NodeProto, value: np.ndarray) -> np.ndarray | None:
+        """CastLike reads only the static dtype of its target (input 1), not its contents."""
+        found = self.model.value_type(node.input[1])
+        if found is None or not found[0]:
+            return None
+        return value.astype(onnx.helper.tensor_dtype_to_np_dtype(found[0]))
+
+    def _metadata_constant(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """Shape / Size read only the static shape of a value, not its contents."""
         found = self.model.value_type(node.input[0])
         dims = None if found is None else found[1]
         if node.op_type == "Size":
@@ -290,7 +331,7 @@ class GraphIndex:
         name = self.model.unique_name(base)
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         self.initializers[name] = self.graph.initializer[-1]
-        self._constants[name] = value
+        self._constants[name] = (value, 0)
         return name
 
     def bypass(self, node: onnx.NodeProto, output: str) -> None:
@@ -463,6 +504,63 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
     return None  # sparse or string constants are not fold material
+
+
+def _evaluate_bounded(node: onnx.NodeProto, values: list, opset: int) -> np.ndarray | None:
+    """Evaluate one pure node on constant inputs, unless its output would be larger than its
+    inputs by more than MAX_CONSTANT_GROWTH elements (predicted from the inputs, before any
+    allocation) or its size cannot be predicted."""
+    if node.op_type == "Identity":
+        return values[0]
+    size = _output_size(node, values)
+    held = sum(v.size for v in {id(v): v for v in values if v is not None}.values())
+    if size is None or size > max(MAX_CONSTANT_GROWTH, held):
+        return None
+    return _evaluate(node, values, opset)
+
+
+# Ops whose output has as many elements as input 0 (Slice: at most as many).
+_SIZE_OF_INPUT_OPS = frozenset(
+    {"Cast", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Neg", "Sqrt", "Reciprocal", "Flatten", "Slice"}
+)
+
+
+def _output_size(node: onnx.NodeProto, values: list) -> int | None:
+    """Elements `node` would produce from `values`, None if unknown (or the inputs are invalid)."""
+    op = node.op_type
+    try:
+        if op in _SIZE_OF_INPUT_OPS:
+            return values[0].size
+        if op in ("Add", "Sub", "Mul", "Div"):
+            return _count(np.broadcast_shapes(*(v.shape for v in values)))
+        if op == "Concat":
+            return sum(v.size for v in values)
+        if op == "Gather":
+            data, indices = values
+            return data.size // data.shape[attribute(node, "axis", 0)] * indices.size if data.size else 0
+        if op == "Expand":
+            return _count(np.broadcast_shapes(values[0].shape, _shape_value(values[1])))
+        if op == "ConstantOfShape":
+            return _count(_shape_value(values[0])) if values else 1
+        if op == "Range":
+            start, limit, delta = (float(v.reshape(-1)[0]) for v in values)
+            return max(int(np.ceil((limit - start) / delta)), 0)
+    except (ValueError, TypeError, IndexError, ZeroDivisionError, OverflowError):
+        return None
+    return None
+
+
+def _shape_value(value: np.ndarray) -> tuple[int, ...]:
+    if value.ndim != 1 or value.dtype.kind not in "iu" or np.any(value < 0):
+        raise ValueError("not a shape")
+    return tuple(int(d) for d in value)
+
+
+def _count(shape) -> int:
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count
 
 
 def _evaluate(node: onnx.NodeProto, values: list, opset: int) -> np.ndarray | None:

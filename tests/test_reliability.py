@@ -709,7 +709,7 @@ def test_reliability_sigkill_in_place_leaves_old_or_new(tmp_path, channels, requ
 
 # --------------------------------------------------------------------------- regressions
 # Bugs found while writing these tests and by tests/test_fuzz_files.py, one test each, named
-# after the bug. The xfail ones live in modules owned elsewhere (graph.py): they fail until fixed.
+# after the bug.
 
 
 def test_regression_var_equal_minus_default_epsilon_kept(model_dir, rng):
@@ -795,7 +795,6 @@ def _ai_onnx_domain(model):
     model.opset_import[0].domain = "ai.onnx"
 
 
-@pytest.mark.xfail(strict=True, reason="graph.py ModelIndex.opsets keys 'ai.onnx' apart from '' (the same domain): opset('') is 0")
 def test_regression_opset_imported_as_ai_onnx_folds(model_dir, rng):
     """An opset_import spelled 'ai.onnx' (the default domain's full name) is what onnxruntime and
     the checker accept; bnfold keeps the BN as "BatchNormalization-0 in training mode"."""
@@ -821,7 +820,6 @@ def _constant_chain(depth: int, op: str, fan_in: int) -> onnx.ModelProto:
     return make_model([*nodes, bn], [value_info("x", np.float32, [1, 3, 2, 2])], [value_info("y", np.float32, [1, 4, 2, 2])], inits)
 
 
-@pytest.mark.xfail(strict=True, reason="graph.py GraphIndex._lookup_constant recurses without its cache: shared inputs are re-evaluated, exponential in depth")
 def test_regression_constant_chain_evaluated_once_per_node(monkeypatch):
     """Each level reads the one below twice: 10 nodes cost 2**10 evaluations (16 levels of
     Concat x4, within MAX_CONSTANT_DEPTH, would cost 4**16: a 20-node model that never ends)."""
@@ -835,7 +833,6 @@ def test_regression_constant_chain_evaluated_once_per_node(monkeypatch):
     assert len(calls) <= 10, f"{len(calls)} evaluations for 10 nodes"
 
 
-@pytest.mark.xfail(strict=True, reason="graph.py evaluates constant subgraphs of any size: ConstantOfShape([N]) allocates N elements before the BN is refused")
 def test_regression_constant_of_shape_bomb_not_materialized():
     """A 3-node model whose BN scale is ConstantOfShape([2**26]) makes the fold allocate 256 MiB
     (2**32 would ask for 16 GiB). A BN parameter has C elements: big constants are not params."""
