@@ -11,15 +11,38 @@ from bnfold.rules.matmul import BnIntoMatMul, BnIntoMatMulAdd
 from bnfold.rules.next_conv import BnIntoNextConv
 from bnfold.rules.next_gemm import BnIntoNextGemm
 from bnfold.rules.next_matmul import BnIntoNextMatMul
+from bnfold.rules.next_through_shape import BnThroughShapeIntoNextGemm, BnThroughShapeIntoNextMatMul
 from bnfold.rules.through_flatten import BnThroughFlattenIntoGemm, BnThroughFlattenIntoMatMul
+from bnfold.rules.through_relu import BnScaleThroughRelu
+from bnfold.rules.through_shape import (
+    BnThroughShapeIntoConv,
+    BnThroughShapeIntoConvTranspose,
+    BnThroughShapeIntoGemm,
+    BnThroughShapeIntoMatMul,
+    BnThroughShapeIntoMatMulAdd,
+)
 
-FORWARD_RULES = (BnIntoConv(), BnIntoConvTranspose(), BnIntoGemm(), BnIntoMatMul(), BnIntoMatMulAdd())
+FORWARD_RULES = (
+    BnIntoConv(),
+    BnIntoConvTranspose(),
+    BnIntoGemm(),
+    BnIntoMatMul(),
+    BnIntoMatMulAdd(),
+    BnThroughShapeIntoConv(),
+    BnThroughShapeIntoConvTranspose(),
+    BnThroughShapeIntoGemm(),
+    BnThroughShapeIntoMatMul(),
+    BnThroughShapeIntoMatMulAdd(),
+    BnScaleThroughRelu(),  # defers to a backward rule that folds the BN entirely
+)
 BACKWARD_RULES = (
     BnIntoNextConv(),
     BnIntoNextGemm(),
     BnIntoNextMatMul(),
     BnThroughFlattenIntoGemm(),
     BnThroughFlattenIntoMatMul(),
+    BnThroughShapeIntoNextGemm(),  # after the Flatten rules: they own a single Flatten/Reshape
+    BnThroughShapeIntoNextMatMul(),
 )
 RULES = FORWARD_RULES + BACKWARD_RULES
 RULE_NAMES = tuple(rule.name for rule in RULES)
