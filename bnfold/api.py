@@ -6,6 +6,7 @@ import dataclasses
 import os
 import pathlib
 import time
+from collections import deque
 from typing import Iterable
 
 import onnx
@@ -101,23 +102,70 @@ def count_batchnorms(index: ModelIndex) -> int:
 
 
 def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list[Kept]]:
-    """Fold BN nodes of one graph until a pass folds nothing more; one record per BN."""
+    """Fold the BN nodes of one graph until nothing more folds; one record per BN.
+
+    A worklist, not passes over the graph until nothing changes: each BN is tried once, in
+    graph order; a fold re-queues the kept BN around it (their neighbours changed), and the
+    kept ones are swept again only while a sweep still folds something. Same fixpoint, but
+    linear in the graph's size on a deep network.
+    """
     folded: list[Folded] = []
-    outcome: dict[int, Kept] = {}
-    progress = True
-    while progress:
+    kept: dict[int, tuple[onnx.NodeProto, Kept]] = {}
+    work = _Worklist(n for n in graph.live_nodes() if is_batchnorm(n))
+    while work:
         progress = False
-        for node in graph.live_nodes():
-            if not is_batchnorm(node):
-                continue
+        while work:
+            node = work.pop()
+            around = (node.input[0] if node.input else "", node.output[0] if node.output else "")
             result = fold_one(node, graph, rules, skip)
-            if isinstance(result, Folded):
-                folded.append(result)
-                outcome.pop(id(node), None)
-                progress = True
-            else:
-                outcome[id(node)] = result
-    return folded, list(outcome.values())
+            if isinstance(result, Kept):
+                kept[id(node)] = (node, result)
+                continue
+            folded.append(result)
+            kept.pop(id(node), None)
+            progress = True
+            if kept:
+                work.push(n for n in _nodes_near(graph, around) if id(n) in kept)
+        if progress:
+            work.push(node for node, _ in kept.values())
+    return folded, [reason for _, reason in kept.values()]
+
+
+class _Worklist:
+    """A FIFO of nodes, each in it at most once (by identity: protobuf == compares contents)."""
+
+    def __init__(self, nodes=()):
+        self.queue: deque[onnx.NodeProto] = deque()
+        self.queued: set[int] = set()
+        self.push(nodes)
+
+    def push(self, nodes) -> None:
+        for node in nodes:
+            if id(node) not in self.queued:
+                self.queued.add(id(node))
+                self.queue.append(node)
+
+    def pop(self) -> onnx.NodeProto:
+        node = self.queue.popleft()
+        self.queued.discard(id(node))
+        return node
+
+    def __bool__(self) -> bool:
+        return bool(self.queue)
+
+
+def _nodes_near(graph: GraphIndex, names) -> list[onnx.NodeProto]:
+    """Nodes within two edges of the values `names` (where a fold just changed the graph)."""
+    near = {id(n): n for name in names if name for n in _ends(graph, name)}
+    for node in list(near.values()):
+        for name in (*node.input, *node.output):
+            near.update((id(n), n) for n in _ends(graph, name) if name)
+    return list(near.values())
+
+
+def _ends(graph: GraphIndex, name: str) -> list[onnx.NodeProto]:
+    producer = graph.producer.get(name)
+    return [producer, *graph.users(name)] if producer is not None else graph.users(name)
 
 
 def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules, skip=None) -> Folded | Kept:
@@ -149,10 +197,12 @@ def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules, skip=None) -> Folde
 
 def _match_direction(bn, graph: GraphIndex, rules, direction: str):
     """(rule, its Plan or Kept, whether any rule, enabled or not, targets that neighbour)."""
-    targeting = [r for r in RULES if r.direction == direction and r.targets(bn, graph)]
-    rule = next((r for r in targeting if r in rules), None)
-    if rule is not None:
-        return rule, rule.match(bn, graph), True
+    targeting = []
+    for rule in RULES:  # the first enabled rule that targets the neighbour decides
+        if rule.direction == direction and rule.targets(bn, graph):
+            if rule in rules:
+                return rule, rule.match(bn, graph), True
+            targeting.append(rule)
     if targeting:
         return None, Kept(bn.label, f"rule {', '.join(r.name for r in targeting)} is not enabled", graph.path), True
     if direction == "forward":

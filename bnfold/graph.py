@@ -62,6 +62,13 @@ def _subgraphs(node: onnx.NodeProto):
                 yield f"{attr.name}[{i}]", g
 
 
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH or attr.type == onnx.AttributeProto.GRAPHS:
+            return True
+    return False
+
+
 def _outer_names_read(graph: onnx.GraphProto) -> set[str]:
     """Names a subgraph reads that it does not define itself (implicit inputs)."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
@@ -92,7 +99,9 @@ class ModelIndex:
     def _walk(self, graph: onnx.GraphProto, path: str, outer: GraphIndex | None) -> None:
         index = GraphIndex(self, graph, path, outer)
         self.graphs.append(index)
-        for node in list(index.nodes):
+        if outer is not None:
+            outer.children.append(index)
+        for node in index.holders:
             for attr_name, sub in _subgraphs(node):
                 self._walk(sub, f"{path}{node_label(node)}/{attr_name}/", index)
 
@@ -115,7 +124,7 @@ class ModelIndex:
             from bnfold.io import read_tensor
 
             return read_tensor(tensor, self.base_dir)
-        return numpy_helper.to_array(tensor)
+        return decode_tensor(tensor)
 
     def value_type(self, name: str) -> tuple[int, tuple | None] | None:
         """(elem_type, dims) of a value from the model's type info, dims None where unknown;
@@ -183,6 +192,9 @@ class GraphIndex:
         self.outer = outer
         self.nodes = list(graph.node)
         self.removed: set[int] = set()
+        self.after: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (added node, node it follows)
+        self.children: list[GraphIndex] = []  # indexes of the subgraphs of this graph's nodes
+        self.holders: list[onnx.NodeProto] = []  # nodes with subgraphs
         self.orphan_candidates: set[str] = set()
         self.gone_names: set[str] = set()
         self.initializers = {t.name: t for t in graph.initializer}
@@ -195,18 +207,25 @@ class GraphIndex:
         self._index_nodes()
 
     def _index_nodes(self) -> None:
+        """One pass over the nodes (protobuf field access is the cost here: each read once)."""
         names = self.model.names
         names.update(self.inputs, self.initializers, self.outputs)
+        producer, consumers = self.producer, self.consumers
         for node in self.nodes:
-            for name in node.output:
-                if name:
-                    self.producer[name] = node
-                    names.add(name)
-            reads = {n for n in node.input if n}
-            for _, sub in _subgraphs(node):
-                reads |= _outer_names_read(sub)
+            outputs = list(node.output)
+            names.update(outputs)
+            for name in outputs:
+                producer[name] = node
+            reads = set(node.input)
+            if _has_subgraph(node):
+                self.holders.append(node)
+                for _, sub in _subgraphs(node):
+                    reads |= _outer_names_read(sub)
+            reads.discard("")
             for name in reads:
-                self.consumers[name].append(node)
+                consumers[name].append(node)
+        producer.pop("", None)
+        names.discard("")
 
     # --- queries -------------------------------------------------------------------------------
 
@@ -215,6 +234,13 @@ class GraphIndex:
 
     def users(self, name: str) -> list[onnx.NodeProto]:
         return [n for n in self.consumers.get(name, ()) if id(n) not in self.removed]
+
+    def is_used(self, name: str) -> bool:
+        removed = self.removed
+        for node in self.consumers.get(name, ()):
+            if id(node) not in removed:
+                return True
+        return False
 
     def is_graph_output(self, name: str) -> bool:
         return name in self.outputs
@@ -238,6 +264,9 @@ class GraphIndex:
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of `name` if it is a constant the fold may rely on, else None."""
+        known = self._constants.get(name)
+        if known is not None:  # whatever is known was found within the full depth
+            return known[0]
         found = self._constant(name, MAX_CONSTANT_DEPTH)
         return found[0] if isinstance(found, tuple) else None
 
@@ -329,8 +358,7 @@ class GraphIndex:
 
     def _add_initializer(self, value: np.ndarray, base: str) -> str:
         name = self.model.unique_name(base)
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        self.initializers[name] = self.graph.initializer[-1]
+        self.initializers[name] = encode_tensor(value, name, self.graph.initializer.add())
         self._constants[name] = (value, 0)
         return name
 
@@ -379,10 +407,10 @@ class GraphIndex:
         inner = self.model.unique_name(f"{output}_unbiased")
         bias_name = self._add_initializer(bias, base)
         node.output[0] = inner
-        position = _position(self.graph.node, node) + 1
-        self.graph.node.insert(position, onnx.helper.make_node("Add", [inner, bias_name], [output], name=name))
-        add = self.graph.node[position]  # the container holds a copy of what was inserted
-        self.nodes.insert(_position(self.nodes, node) + 1, add)
+        add = self.graph.node.add()  # appended; finish() moves it right after `node`
+        add.CopyFrom(onnx.helper.make_node("Add", [inner, bias_name], [output], name=name))
+        self.nodes.append(add)
+        self.after.append((add, node))
         self.producer[inner] = node
         self.producer[output] = add
         self.consumers[inner].append(add)
@@ -430,16 +458,23 @@ class GraphIndex:
     def finish(self) -> None:
         """Apply removals in one sweep and drop what the edits orphaned."""
         self._remove_orphaned_producers()
+        self._place_added_nodes()
         if self.removed:
-            self.graph.node.sort(key=lambda n: id(n) in self.removed)
-            del self.graph.node[len(self.graph.node) - len(self.removed):]
+            _drop(self.graph.node, [n for n in self.nodes if id(n) in self.removed])
             self.nodes = [n for n in self.nodes if id(n) not in self.removed]
         self._drop_orphan_initializers()
         if self.gone_names:
-            keep = [vi for vi in self.graph.value_info if vi.name not in self.gone_names]
-            if len(keep) != len(self.graph.value_info):
-                del self.graph.value_info[:]
-                self.graph.value_info.extend(keep)
+            _drop(self.graph.value_info, [vi for vi in self.graph.value_info if vi.name in self.gone_names])
+
+    def _place_added_nodes(self) -> None:
+        """Move each added node right after the node it follows, in one stable sort."""
+        if not self.after:
+            return
+        keys = {id(n): (i,) for i, n in enumerate(self.graph.node)}
+        for seq, (added, anchor) in enumerate(self.after):  # an anchor is placed before its followers
+            keys[id(added)] = keys[id(anchor)] + (seq,)
+        self.graph.node.sort(key=lambda n: keys[id(n)])
+        self.after.clear()
 
     def _remove_orphaned_producers(self) -> None:
         """Remove Identity/Constant/constant-subgraph nodes that fed only what a fold replaced."""
@@ -455,26 +490,33 @@ class GraphIndex:
             pending.extend(i for i in node.input if i)
 
     def _drop_orphan_initializers(self) -> None:
-        dead = {
+        kept = self.outputs | self.inputs
+        dead = [
             name
             for name in self.orphan_candidates
-            if name in self.initializers and not self.users(name)
-            and name not in self.outputs and name not in self.inputs
-            and not self._read_by_subgraph(name)
-        }
+            if name in self.initializers and name not in kept and not self.is_used(name)
+            and not (self.children and self._read_by_subgraph(name))
+        ]
         if dead:
-            keep = [t for t in self.graph.initializer if t.name not in dead]
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(keep)
-            for name in dead:
-                self.initializers.pop(name, None)
+            _drop(self.graph.initializer, [self.initializers.pop(name) for name in dead])
 
     def _read_by_subgraph(self, name: str) -> bool:
-        return any(g.outer is self and g.users(name) for g in self.model.graphs)
+        return any(g.is_used(name) for g in self.children)
 
 
-def _position(nodes, node: onnx.NodeProto) -> int:
-    return next(i for i, n in enumerate(nodes) if n is node)  # identity: protobuf == compares contents
+def _drop(field, doomed: list) -> None:
+    """Remove the messages `doomed` from a repeated message field, keeping the order of the
+    rest: a stable sort moves them to the end, then one cut. Rebuilding the field instead
+    (clear + extend) would copy every message kept, weights included.
+
+    Messages are matched by identity (== compares contents); `doomed` holds them, so the
+    wrappers the field hands out stay the same objects.
+    """
+    ids = {id(item) for item in doomed}
+    count = sum(1 for item in field if id(item) in ids)
+    if count:
+        field.sort(key=lambda item: id(item) in ids)
+        del field[len(field) - count:]
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):
@@ -491,10 +533,48 @@ def reads_only_metadata(node: onnx.NodeProto, value: str) -> bool:
     return node.op_type == "CastLike" and node.input[0] != value
 
 
+# Dtypes whose raw_data numpy reads as is (little-endian, one element per itemsize bytes); the
+# others (strings, bfloat16, float8, sub-byte ints, typed fields) go through numpy_helper.
+_RAW_DTYPES = {
+    onnx.TensorProto.FLOAT: np.dtype("<f4"),
+    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
+    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
+    onnx.TensorProto.INT64: np.dtype("<i8"),
+    onnx.TensorProto.INT32: np.dtype("<i4"),
+    onnx.TensorProto.INT16: np.dtype("<i2"),
+    onnx.TensorProto.INT8: np.dtype("i1"),
+    onnx.TensorProto.UINT8: np.dtype("u1"),
+    onnx.TensorProto.BOOL: np.dtype("?"),
+}
+_ONNX_DTYPES = {np.dtype(dtype.str[1:]): onnx_type for onnx_type, dtype in _RAW_DTYPES.items()}
+
+
+def decode_tensor(tensor: onnx.TensorProto) -> np.ndarray:
+    """An embedded tensor's value; raw bytes of common dtypes are viewed, not converted
+    (numpy_helper's round trip costs more than the fold itself on small tensors). Read-only."""
+    dtype = _RAW_DTYPES.get(tensor.data_type)
+    if dtype is None or not tensor.HasField("raw_data"):
+        return numpy_helper.to_array(tensor)
+    return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
+
+
+def encode_tensor(value: np.ndarray, name: str, tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """Fill the empty `tensor` with `value` as raw little-endian bytes."""
+    data_type = _ONNX_DTYPES.get(value.dtype)
+    if data_type is None:
+        tensor.CopyFrom(numpy_helper.from_array(value, name))
+        return tensor
+    tensor.name = name
+    tensor.data_type = data_type
+    tensor.dims.extend(value.shape)
+    tensor.raw_data = np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes()
+    return tensor
+
+
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for attr in node.attribute:
         if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
+            return decode_tensor(attr.t)
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":
