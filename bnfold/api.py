@@ -13,9 +13,11 @@ import onnx
 
 from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
-from bnfold.report import FoldReport, Folded, Kept
-from bnfold.rules import RULE_NAMES, RULES
+from bnfold.report import BATCHNORM, FoldReport, Folded, Kept
+from bnfold.rules import ALL_RULES, RULE_NAMES, RULES
 from bnfold.rules.base import apply_plan, match_batchnorm, match_consumer, match_producer, no_consumer_reason
+from bnfold.rules.decomposed import ChainFolder, prime_types
+from bnfold.standalone import MODES as STANDALONE_MODES, convert_kept
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -44,23 +46,24 @@ def is_batchnorm(node: onnx.NodeProto) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in DEFAULT_DOMAINS
 
 
-def fold(model: ModelLike, *, rules: Iterable[str] | None = None, base_dir=None) -> FoldResult:
+def fold(model: ModelLike, *, rules: Iterable[str] | None = None, base_dir=None, standalone: str = "keep") -> FoldResult:
     """Fold every BN that can be folded safely; the input model object is not modified.
 
     `model` is a ModelProto or a path. A ModelProto whose tensors live in external data needs
     `base_dir` (the folder the data locations are relative to) for the tensors a fold touches.
+    `standalone="affine"` turns each BN no rule can fold into Mul + Add (bnfold.standalone).
     """
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return fold_model(copy, rules=rules, base_dir=base_dir)
+        return fold_model(copy, rules=rules, base_dir=base_dir, standalone=standalone)
     from bnfold import io
 
     loaded = io.load_model(model)
-    return fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir)
+    return fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone)
 
 
-def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None) -> FoldResult:
+def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None, standalone: str = "keep") -> FoldResult:
     """Fold `model` in place (callers that must keep their input pass a copy).
 
     `skip` maps (graph path, BN label) to the reason a BN is kept without trying any rule
@@ -68,33 +71,55 @@ def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None) 
     """
     started = time.perf_counter()
     active = select_rules(rules)
+    if standalone not in STANDALONE_MODES:
+        raise UsageError(f"standalone must be one of {', '.join(STANDALONE_MODES)}, got {standalone!r}")
     index = ModelIndex(model, base_dir)
     before = count_batchnorms(index)
+    prime_types(index)
     folded: list[Folded] = []
     kept: list[Kept] = []
     for graph in list(index.graphs):
-        graph_folded, graph_kept = apply_rules(graph, active, skip or {})
+        graph_folded, graph_kept = fold_graph(graph, active, skip or {}, standalone)
         folded += graph_folded
         kept += graph_kept
     index.finish()
+    bn_folded = tuple(f for f in folded if f.ops == BATCHNORM)
     report = FoldReport(
-        folded=tuple(folded),
-        kept=tuple(kept),
+        folded=bn_folded,
+        kept=tuple(k for k in kept if k.ops == BATCHNORM),
         bn_before=before,
-        bn_after=before - len(folded),
+        bn_after=before - len(bn_folded),
         seconds=time.perf_counter() - started,
+        affine_folded=tuple(f for f in folded if f.ops != BATCHNORM),
+        affine_kept=tuple(k for k in kept if k.ops != BATCHNORM),
     )
     return FoldResult(model, report)
 
 
+def fold_graph(graph: GraphIndex, rules, skip: dict, standalone: str = "keep") -> tuple[list[Folded], list[Kept]]:
+    """The BN rules and the affine-chain rules (bnfold.rules.decomposed) until neither folds
+    more, then `standalone` for the BN left; BN and chain records together (`ops` tells)."""
+    folded, kept = apply_rules(graph, rules, skip)
+    chains = ChainFolder(graph, rules, skip)
+    while chains.sweep():
+        more, kept = apply_rules(graph, rules, skip)  # every BN left gets a fresh record
+        folded += more
+        if not more:
+            break
+    if standalone == "affine":
+        converted, kept = convert_kept(graph, kept, skip)
+        folded += converted
+    return folded + chains.folded, kept + chains.kept
+
+
 def select_rules(names: Iterable[str] | None):
     if names is None:
-        return RULES
+        return ALL_RULES
     names = list(names)
     unknown = [n for n in names if n not in RULE_NAMES]
     if unknown:
         raise UsageError(f"unknown rule(s) {', '.join(unknown)}; known: {', '.join(RULE_NAMES)}")
-    return tuple(r for r in RULES if r.name in names)
+    return tuple(r for r in ALL_RULES if r.name in names)
 
 
 def count_batchnorms(index: ModelIndex) -> int:
@@ -230,6 +255,7 @@ def fold_file(
     rtol=None,
     atol=None,
     on_phase=None,
+    standalone: str = "keep",
 ) -> FoldResult:
     """Fold the model file `src`, verify the written result against it, then move it into place.
 
@@ -251,7 +277,7 @@ def fold_file(
     if not in_place and target.resolve() == loaded.path:
         raise UsageError(f"output {target} is the input; pass --in-place to overwrite it")
     phase("folding")
-    result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir)
+    result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone)
     settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol)
     verification = _stage_and_verify(result, loaded, target, verify, settings, phase)
     if isinstance(verification, FoldResult):
@@ -259,7 +285,7 @@ def fold_file(
     if strict:
         raise _failure(verification, "--strict: nothing rolled back")
     phase("verification failed: finding the folds responsible")
-    result = _roll_back(result, loaded, target, rules, verification, settings)
+    result = _roll_back(result, loaded, target, dict(rules=rules, standalone=standalone), verification, settings)
     final = _stage_and_verify(result, loaded, target, verify, settings, phase)
     if isinstance(final, FoldResult):
         return final
@@ -283,15 +309,17 @@ def _stage_and_verify(result: FoldResult, loaded, target, verify: bool, settings
     return dataclasses.replace(result, verification=verification, path=path)
 
 
-def _roll_back(result: FoldResult, loaded, target, rules, verification, settings) -> FoldResult:
-    """Refold `loaded`'s file keeping the BN whose folds fail verification (bisection)."""
+def _roll_back(result: FoldResult, loaded, target, options: dict, verification, settings) -> FoldResult:
+    """Refold `loaded`'s file keeping the BN (and affine chains) whose folds fail verification
+    (bisection); `options` are fold_model's rules and standalone."""
     from bnfold import io, rollback
 
-    folds, kept = result.report.folded, result.report.kept
+    report = result.report
+    folds, kept = report.folded + report.affine_folded, report.kept + report.affine_kept
 
     def refold(skip: dict) -> FoldResult:
         source = io.load_model(loaded.path)
-        return fold_model(source.model, rules=rules, base_dir=source.base_dir, skip=skip)
+        return fold_model(source.model, base_dir=source.base_dir, skip=skip, **options)
 
     def trial(subset) -> tuple[bool, float]:
         chosen = set(subset)

@@ -113,10 +113,14 @@ def main():
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when verification fails, instead of rolling back the folds responsible.")
 @click.option("--rules", help="Comma-separated rule names to apply (default: all).")
+@click.option(
+    "--standalone", type=click.Choice(["keep", "affine"]), default="keep", show_default=True,
+    help="A BN no rule can fold: keep it, or replace it by Mul + Add (for runtimes without BatchNormalization).",
+)
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel processes (several MODELs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @verify_options
-def fold_command(models, output, in_place, no_verify, strict, rules, jobs, as_json, dims, inputs, rtol, atol, providers):
+def fold_command(models, output, in_place, no_verify, strict, rules, standalone, jobs, as_json, dims, inputs, rtol, atol, providers):
     """Fold, verify and write MODEL.folded.onnx (or -o OUTPUT).
 
     Several MODELs, or a directory (its .onnx files), are folded one by one (or -j N at a
@@ -125,7 +129,7 @@ def fold_command(models, output, in_place, no_verify, strict, rules, jobs, as_js
 
     def action():
         options = dict(
-            verify=not no_verify, in_place=in_place, strict=strict, rules=parse_rules(rules),
+            verify=not no_verify, in_place=in_place, strict=strict, rules=parse_rules(rules), standalone=standalone,
             inputs=inputs, dims=parse_dims(dims), providers=list(providers) or None, rtol=rtol, atol=atol,
         )
         if len(models) == 1 and not os.path.isdir(models[0]):
@@ -226,6 +230,7 @@ def render_fold(model, result, verified: bool) -> str:
     lines.append(f"  BatchNormalization: {report.bn_before} -> {report.bn_after}" + (f" ({rules})" if rules else ""))
     for kept in report.kept:
         lines.append(f"  kept {printable(kept.graph + kept.bn)}: {printable(kept.reason)}")
+    lines += render_affine(report)
     if result.verification is not None:
         lines.append(render_verification(result.verification, indent="  "))
     elif verified:
@@ -237,6 +242,17 @@ def render_fold(model, result, verified: bool) -> str:
         timing += f", verify {result.verification.seconds:.3f} s"
     lines.append(timing)
     return "\n".join(lines)
+
+
+def render_affine(report) -> list[str]:
+    """Lines on BN written out as arithmetic (constant Mul/Add/Sub/Div chains), if there was any."""
+    if not report.affine_folded and not report.affine_kept:
+        return []
+    rules = ", ".join(f"{name} {count}" for name, count in report.affine_rule_counts().items())
+    lines = [f"  affine chains (BN as arithmetic): {len(report.affine_folded)} folded" + (f" ({rules})" if rules else "")]
+    for kept in report.affine_kept:
+        lines.append(f"  kept {printable(kept.ops)} chain at {printable(kept.graph + kept.bn)}: {printable(kept.reason)}")
+    return lines
 
 
 def render_verification(verification, indent: str = "") -> str:

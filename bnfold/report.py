@@ -1,7 +1,10 @@
 """The fold report: what happened to every BatchNormalization node, and the exit code it implies.
 
 Every BN of the input ends up as exactly one record: `Folded` (into which node, by which rule)
-or `Kept` (with a reason a user can act on).
+or `Kept` (with a reason a user can act on). BN written out as arithmetic (a chain of constant
+Mul / Add / Sub / Div, see bnfold.rules.affine_chain) gets records of its own, in `affine_folded`
+and `affine_kept`: `bn` is the chain's first op, `ops` its op types ("Sub+Div+Mul+Add"); they are
+not BatchNormalization nodes and never count in bn_before / bn_after.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import dataclasses
 from collections import Counter
 
 SCHEMA_VERSION = 1
+BATCHNORM = "BatchNormalization"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,9 +22,10 @@ class Folded:
     into: str  # the node that absorbed it
     rule: str  # the rule's name, e.g. "bn_into_conv"
     graph: str = ""  # "" for the main graph, else the path of the subgraph ("If_0/then_branch")
+    ops: str = BATCHNORM  # what was folded: a BN, or an affine chain's op types ("Mul+Add")
 
     def to_dict(self) -> dict:
-        return {"bn": self.bn, "status": "folded", "into": self.into, "rule": self.rule, "graph": self.graph}
+        return {"bn": self.bn, "status": "folded", "into": self.into, "rule": self.rule, "graph": self.graph, **_ops(self.ops)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +33,15 @@ class Kept:
     bn: str
     reason: str
     graph: str = ""
+    ops: str = BATCHNORM
 
     def to_dict(self) -> dict:
-        return {"bn": self.bn, "status": "kept", "reason": self.reason, "graph": self.graph}
+        return {"bn": self.bn, "status": "kept", "reason": self.reason, "graph": self.graph, **_ops(self.ops)}
+
+
+def _ops(ops: str) -> dict:
+    """Only chain records carry "ops" (BN records keep their schema-1 keys)."""
+    return {} if ops == BATCHNORM else {"ops": ops}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +53,18 @@ class FoldReport:
     bn_before: int = 0
     bn_after: int = 0
     seconds: float = 0.0
+    affine_folded: tuple[Folded, ...] = ()  # BN written out as arithmetic, folded
+    affine_kept: tuple[Kept, ...] = ()
 
     @property
     def modified(self) -> bool:
-        return bool(self.folded)
+        return bool(self.folded or self.affine_folded)
 
     def rule_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(f.rule for f in self.folded).items()))
+
+    def affine_rule_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(f.rule for f in self.affine_folded).items()))
 
     def to_dict(self) -> dict:
         return {
@@ -58,5 +74,8 @@ class FoldReport:
             "rules": self.rule_counts(),
             "folded": [f.to_dict() for f in self.folded],
             "kept": [k.to_dict() for k in self.kept],
+            "affine_rules": self.affine_rule_counts(),
+            "affine_folded": [f.to_dict() for f in self.affine_folded],
+            "affine_kept": [k.to_dict() for k in self.affine_kept],
             "seconds": round(self.seconds, 6),
         }

@@ -1,11 +1,13 @@
 """The fold rules, in the order they are tried. Adding a pattern = one module + one test file.
 
 Forward rules (BN into the op producing its input) come first: a BN is folded backward (into the
-op reading its output) only when no forward rule can fold it.
+op reading its output) only when no forward rule can fold it. AFFINE_RULES fold BN written out
+as arithmetic (constant Mul / Add / Sub / Div chains) with the BN rules' own arithmetic.
 """
 
 from bnfold.rules.conv import BnIntoConv
 from bnfold.rules.conv_transpose import BnIntoConvTranspose
+from bnfold.rules.decomposed import AFFINE_RULES
 from bnfold.rules.gemm import BnIntoGemm
 from bnfold.rules.matmul import BnIntoMatMul, BnIntoMatMulAdd
 from bnfold.rules.next_conv import BnIntoNextConv
@@ -45,6 +47,7 @@ BACKWARD_RULES = (
     BnThroughShapeIntoNextMatMul(),
 )
 RULES = FORWARD_RULES + BACKWARD_RULES
-RULE_NAMES = tuple(rule.name for rule in RULES)
+ALL_RULES = RULES + AFFINE_RULES
+RULE_NAMES = tuple(rule.name for rule in ALL_RULES)
 
-__all__ = ["RULES", "RULE_NAMES", "FORWARD_RULES", "BACKWARD_RULES"]
+__all__ = ["RULES", "RULE_NAMES", "ALL_RULES", "AFFINE_RULES", "FORWARD_RULES", "BACKWARD_RULES"]

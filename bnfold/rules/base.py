@@ -35,6 +35,7 @@ class BatchNorm:
     node: onnx.NodeProto
     scale: np.ndarray  # float64 [C]
     shift: np.ndarray  # float64 [C]
+    what = "BN"  # how reasons name it (an affine chain reads the same rules)
 
     @property
     def label(self) -> str:
@@ -145,13 +146,7 @@ def finite_or_kept(bn: BatchNorm, graph: GraphIndex, plan: Plan) -> Plan | Kept:
 
 def apply_plan(plan: Plan, graph: GraphIndex) -> None:
     """Mutate the graph: new constants in, BN out (or turned into Add), names preserved."""
-    for node, position, value in plan.new_inputs:
-        old = node.input[position] if position < len(node.input) else ""
-        graph.set_constant_input(node, position, value, f"{old or node_label(node)}_bnfold")
-    for node, name, value in plan.attributes:
-        graph.set_attribute(node, name, value)
-    if plan.bias_after is not None:
-        graph.add_bias_after(plan.into, plan.bias_after, f"{plan.into.output[0]}_bnfold_bias")
+    apply_new_tensors(plan, graph)
     if plan.backward:
         graph.short_circuit(plan.bn.node)
     elif plan.bn_becomes_add is not None:
@@ -161,6 +156,17 @@ def apply_plan(plan: Plan, graph: GraphIndex) -> None:
         graph.replace_node(plan.bn.node, "Add", [plan.bn.x, shift_name])
     else:
         graph.bypass(plan.bn.node, plan.bn.y)
+
+
+def apply_new_tensors(plan: Plan, graph: GraphIndex) -> None:
+    """The plan's new constants and attributes, and its bias Add after `into` (if any)."""
+    for node, position, value in plan.new_inputs:
+        old = node.input[position] if position < len(node.input) else ""
+        graph.set_constant_input(node, position, value, f"{old or node_label(node)}_bnfold")
+    for node, name, value in plan.attributes:
+        graph.set_attribute(node, name, value)
+    if plan.bias_after is not None:
+        graph.add_bias_after(plan.into, plan.bias_after, f"{plan.into.output[0]}_bnfold_bias")
 
 
 class Rule:
@@ -292,7 +298,7 @@ def match_consumer(bn: BatchNorm, graph: GraphIndex) -> Path | Kept:
 
 def sole_reader(bn: BatchNorm, graph: GraphIndex, node: onnx.NodeProto, value: str) -> onnx.NodeProto | Kept:
     """The one op reading `value` (output of BN or of a pass-through op): folding changes `value`."""
-    what = "BN" if node is bn.node else f"{node.op_type} '{node_label(node)}'"
+    what = bn.what if node is bn.node else f"{node.op_type} '{node_label(node)}'"
     if graph.is_graph_output(value):
         return Kept(bn.label, f"{what} output '{value}' is a graph output", graph.path)
     # Readers of only dtype/shape (Shape, CastLike's target) see the same after a fold.
