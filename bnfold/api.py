@@ -270,7 +270,7 @@ def fold_file(
 
     phase = on_phase or (lambda text: None)
     phase("loading")
-    loaded = io.load_model(src)
+    loaded = io.load_model(src, lazy=True)  # big weights stay on disk until a fold needs them
     if in_place and dst is not None and pathlib.Path(dst).resolve() != loaded.path:
         raise UsageError("--in-place and an output path are mutually exclusive")
     target = loaded.path if in_place else pathlib.Path(dst) if dst else default_output_path(loaded.path)
@@ -318,7 +318,7 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
     folds, kept = report.folded + report.affine_folded, report.kept + report.affine_kept
 
     def refold(skip: dict) -> FoldResult:
-        source = io.load_model(loaded.path)
+        source = io.load_model(loaded.path, lazy=True)
         return fold_model(source.model, base_dir=source.base_dir, skip=skip, **options)
 
     def trial(subset) -> tuple[bool, float]:

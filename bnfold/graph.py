@@ -33,10 +33,14 @@ CONSTANT_FOLDABLE_OPS = frozenset(
 # fold that keeps dtype and shape cannot change what they compute.
 METADATA_OPS = frozenset({"Shape", "Size", "CastLike"})
 MAX_CONSTANT_DEPTH = 16
+# Initializer values from this size on are not memoised: a weight is read by the one fold that
+# replaces it, and keeping every weight decoded would hold the model twice in memory.
+MAX_MEMO_BYTES = 2**20
 # Elements a constant evaluation may produce beyond what its inputs already hold: BN parameters
 # and biases have one per channel; a ConstantOfShape([2**32]) is not fold material.
 MAX_CONSTANT_GROWTH = 2**22
 _UNKNOWN = object()
+_UNCACHED = object()
 _TOO_DEEP = object()
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -288,6 +292,8 @@ class GraphIndex:
         found = self._lookup_constant(name, budget)
         if found is _TOO_DEEP:
             self._too_deep[name] = budget
+        elif found is not None and found[0] is _UNCACHED:
+            return found[1], 0
         else:
             self._constants[name] = found
         return found
@@ -295,6 +301,8 @@ class GraphIndex:
     def _lookup_constant(self, name: str, budget: int):
         if name in self.initializers:
             value = self.model.read_tensor(self.initializers[name])
+            if value is not None and value.nbytes >= MAX_MEMO_BYTES:
+                return _UNCACHED, value
             return None if value is None else (value, 0)
         node = self.producer.get(name)
         if node is None:
@@ -359,7 +367,8 @@ class GraphIndex:
     def _add_initializer(self, value: np.ndarray, base: str) -> str:
         name = self.model.unique_name(base)
         self.initializers[name] = encode_tensor(value, name, self.graph.initializer.add())
-        self._constants[name] = (value, 0)
+        if value.nbytes < MAX_MEMO_BYTES:
+            self._constants[name] = (value, 0)
         return name
 
     def bypass(self, node: onnx.NodeProto, output: str) -> None:

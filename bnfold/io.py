@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import mmap
 import os
 import pathlib
 import shutil
@@ -30,6 +31,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from bnfold import wire
 from bnfold.errors import InvalidModel, UsageError, WriteFailed
 
 PROTOBUF_LIMIT = 2**31  # protobuf cannot serialize or parse a message this large
@@ -37,6 +39,10 @@ PROTOBUF_LIMIT = 2**31  # protobuf cannot serialize or parse a message this larg
 # foresee (it is exact, but a caller may add a little before saving).
 MAX_EMBEDDED = PROTOBUF_LIMIT - 2**26
 ALIGN = 4096  # offsets of appended tensors: page-aligned so runtimes can mmap them
+# Lazy loads (load_model(lazy=True)): files from this size on are scanned rather than parsed
+# whole, and their initializers from this size on stay in the file until needed.
+LAZY_MIN_FILE = 32 * 2**20
+LAZY_MIN_TENSOR = 2**16
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -48,44 +54,81 @@ class LoadedModel:
     path: pathlib.Path
     base_dir: pathlib.Path
     external_files: tuple[str, ...]
+    # lazy loads: large embedded initializers left in the model file (see bnfold.wire), and the
+    # file's (size, mtime) when read, so saving can tell that their bytes are still there
+    stubs: dict[str, wire.Stub] = dataclasses.field(default_factory=dict)
+    file_stamp: tuple[int, int] | None = None
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(path) -> LoadedModel:
-    """Parse and check a model file; every problem a user can cause is one `InvalidModel` line."""
+def load_model(path, *, lazy: bool = False) -> LoadedModel:
+    """Parse and check a model file; every problem a user can cause is one `InvalidModel` line.
+
+    `lazy` (for a caller that saves through `stage_model` with this as `source`): a large file's
+    big embedded initializers are not read but become stubs, external data pointing into the
+    model file itself, read when a fold needs them and copied byte for byte on saving.
+    """
     path = pathlib.Path(path)
-    model = _parse_model(_read_model_bytes(path), path)
-    _check_is_model(model, path)
-    _check_tensors(model, path)
     # External data is relative to the folder of the path as given (as onnx and onnxruntime do),
     # not to where a symlinked model file points.
     base_dir = path.absolute().parent
-    external_files = _check_external_data(model, base_dir, path)
-    _run_checker(path)
-    return LoadedModel(model, path.resolve(), base_dir, external_files)
+    model, stubs, stamp = _read_model(path, base_dir, lazy)
+    _check_is_model(model, path)
+    _check_tensors(model, path)
+    external_files = _check_external_data(model, base_dir, path, stubs)
+    _run_checker(path, model if stubs else None, stubs)
+    return LoadedModel(model, path.resolve(), base_dir, external_files, stubs, stamp)
 
 
-def _read_model_bytes(path: pathlib.Path) -> bytes:
+def _read_model(path: pathlib.Path, base_dir: pathlib.Path, lazy: bool):
+    """(model, stubs, file stamp): parsed whole, or lazily when asked and worth it."""
     try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise InvalidModel(f"cannot load {path}: is a directory, not a model file")
-        if info.st_size == 0:
-            raise InvalidModel(f"cannot load {path}: file is empty")
-        if info.st_size >= PROTOBUF_LIMIT:
-            raise InvalidModel(
-                f"cannot load {path}: {info.st_size} bytes is over protobuf's 2 GiB limit "
-                "(large models keep their weights in external data)"
-            )
-        return path.read_bytes()
+        info = _model_file_info(path)
+        if lazy and info.st_size >= LAZY_MIN_FILE and (base_dir / path.name).resolve().parent == base_dir.resolve():
+            found = _read_lazily(path)
+            if found is not None:
+                return (*found, (info.st_size, info.st_mtime_ns))
+        return _parse_model(path.read_bytes(), path), {}, None
     except FileNotFoundError:
         raise InvalidModel(f"cannot load {path}: file not found") from None
     except PermissionError:
         raise InvalidModel(f"cannot load {path}: permission denied") from None
     except OSError as e:
         raise InvalidModel(f"cannot load {path}: {e.strerror or e}") from None
+
+
+def _model_file_info(path: pathlib.Path) -> os.stat_result:
+    info = path.stat()
+    if stat.S_ISDIR(info.st_mode):
+        raise InvalidModel(f"cannot load {path}: is a directory, not a model file")
+    if info.st_size == 0:
+        raise InvalidModel(f"cannot load {path}: file is empty")
+    if info.st_size >= PROTOBUF_LIMIT:
+        raise InvalidModel(
+            f"cannot load {path}: {info.st_size} bytes is over protobuf's 2 GiB limit "
+            "(large models keep their weights in external data)"
+        )
+    return info
+
+
+def _read_lazily(path: pathlib.Path) -> tuple[onnx.ModelProto, dict] | None:
+    """The model with its big initializers as stubs; None when the file is not laid out as
+    bnfold.wire expects, or also has external data (then it is parsed whole, as usual)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            skeleton, stubs = wire.scan(buf, path.name, LAZY_MIN_TENSOR)
+        except wire.WireError:
+            return None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(skeleton)
+    except DecodeError:
+        return None
+    if any(is_external(t) and t.name not in stubs for t in iter_tensors(model)):
+        return None
+    return model, stubs
 
 
 def _parse_model(data: bytes, path: pathlib.Path) -> onnx.ModelProto:
@@ -242,10 +285,24 @@ def _tensor_problem(tensor: onnx.TensorProto) -> str:
     return "" if stored == expected else f"({shape}) holds {stored} values in {field}, expected {expected}"
 
 
-def _run_checker(path: pathlib.Path) -> None:
-    """Check by path: given a proto, the checker looks for external data in the current folder."""
+def _run_checker(path: pathlib.Path, skeleton: onnx.ModelProto | None = None, stubs=None) -> None:
+    """Check by path: given a proto, the checker looks for external data in the current folder.
+
+    A lazy load's skeleton (no other external data) is checked as a proto instead of reading the
+    whole file again, its stubs emptied (zero elements): their sizes are checked by
+    `_check_stub`, everything else as usual.
+    """
+    target: object = str(path)
+    if skeleton is not None:
+        target = onnx.ModelProto()
+        target.CopyFrom(skeleton)
+        for tensor in target.graph.initializer:
+            if tensor.name in stubs:
+                del tensor.external_data[:], tensor.dims[:]
+                tensor.ClearField("data_location")
+                tensor.dims.append(0)
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(target)
     except (onnx.checker.ValidationError, ValueError, OSError) as e:
         raise InvalidModel(f"cannot load {path}: onnx checker: {_one_line(str(e))}") from None
 
@@ -300,12 +357,16 @@ def _safe_data_path(base_dir: pathlib.Path, location: str, tensor_name: str, whe
     return candidate
 
 
-def _check_external_data(model: onnx.ModelProto, base_dir: pathlib.Path, where) -> tuple[str, ...]:
-    """Validate every external reference; return the distinct locations in first-use order."""
+def _check_external_data(model: onnx.ModelProto, base_dir: pathlib.Path, where, stubs=None) -> tuple[str, ...]:
+    """Validate every external reference; return the distinct locations in first-use order.
+    Stubs (lazy loads) point into the model file, which is no data file: only sizes checked."""
     sizes: dict[pathlib.Path, int] = {}
     locations: dict[str, None] = {}
     for tensor in iter_tensors(model):
         if not is_external(tensor):
+            continue
+        if stubs and tensor.name in stubs:
+            _check_stub(tensor, stubs[tensor.name], where)
             continue
         ref = _external_ref(tensor, where)
         file = _safe_data_path(base_dir, ref.location, tensor.name, where)
@@ -331,6 +392,14 @@ def _check_external_length(tensor: onnx.TensorProto, ref: _ExternalRef, file_siz
             f"{where}: tensor '{tensor.name}' ({_dtype_name(tensor.data_type)} {list(tensor.dims)}) needs "
             f"{expected} bytes but its external data range in '{ref.location}' holds {length}"
         )
+
+
+def _check_stub(tensor: onnx.TensorProto, stub: wire.Stub, where) -> None:
+    """The raw_data size check of `_tensor_problem`, for a tensor whose bytes stayed on disk."""
+    expected = _byte_size(tensor)
+    if expected is not None and expected != stub.data_length:
+        shape = f"{_dtype_name(tensor.data_type)} {list(tensor.dims)}"
+        raise InvalidModel(f"cannot load {where}: tensor '{tensor.name}' ({shape}) holds {stub.data_length} bytes of data, expected {expected}")
 
 
 def _data_file_size(file: pathlib.Path, location: str, where) -> int:
@@ -534,12 +603,38 @@ def _check_data_targets(staged: StagedModel, source: LoadedModel | None, renames
 
 
 def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_threshold: int) -> None:
+    splice = wire.plan_splice(model, source.stubs) if source is not None and source.stubs else None
+    if splice is not None and splice[1] <= MAX_EMBEDDED:
+        _write_spliced(splice[0], staged, source)
+    else:  # stubs of a model grown too big to embed stay external refs: the model file is their data
+        _write_whole(model, staged, source, size_threshold)
+    if staged.dst.exists():  # an overwrite keeps the file's permissions
+        shutil.copymode(staged.dst, staged.path)
+    _sync_dir(staged.tmp_dir)
+
+
+def _write_spliced(pieces: list, staged: StagedModel, source: LoadedModel) -> None:
+    """Embedded output of a lazy load: unchanged big tensors copied from the source file."""
+    with open(source.path, "rb") as src:
+        info = os.fstat(src.fileno())
+        if (info.st_size, info.st_mtime_ns) != source.file_stamp:
+            raise WriteFailed(f"cannot write {staged.dst}: the input {source.path} changed since it was read")
+        fd = os.open(staged.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            wire.write_splice(fd, pieces, src.fileno())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_whole(model, staged: StagedModel, source: LoadedModel | None, size_threshold: int) -> None:
     referenced = list(dict.fromkeys(_external_ref(t, "model").location for t in iter_tensors(model) if is_external(t)))
     if referenced and source is None:
         raise ValueError("model references external data: pass the LoadedModel it came from as source=")
     keeps_external = bool(referenced) or bool(source and source.external_files)
-    if not keeps_external and model.ByteSize() <= MAX_EMBEDDED:
-        _write_file(staged.path, model.SerializeToString())
+    data = None if keeps_external else _serialized_embedded(model)
+    if data is not None:
+        _write_file(staged.path, data)
     else:
         renames = _plan_data_names(staged.dst, referenced, source.base_dir if source else None)
         append_to = next(iter(renames.values()), f"{staged.dst.name}.data")
@@ -549,9 +644,16 @@ def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_t
             if model.ByteSize() >= PROTOBUF_LIMIT:
                 raise WriteFailed(f"cannot write {staged.dst}: over 2 GiB even with weights in external data")
             _write_file(staged.path, model.SerializeToString())
-    if staged.dst.exists():  # an overwrite keeps the file's permissions
-        shutil.copymode(staged.dst, staged.path)
-    _sync_dir(staged.tmp_dir)
+
+
+def _serialized_embedded(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, None when too big to embed. Serialized once: in upb ByteSize() itself
+    serializes, so asking first would build the whole model's bytes twice."""
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # over protobuf's limit
+        return None
+    return data if len(data) <= MAX_EMBEDDED else None
 
 
 def _copy_data_files(staged: StagedModel, source: LoadedModel | None, renames: dict[str, str]) -> None:
