@@ -70,8 +70,6 @@ def _affine_reason(x: str, graph: GraphIndex) -> str:
     opset = graph.model.opset("")
     if opset < 7:
         return f"Mul/Add with broadcasting need opset >= 7 (model has {opset})"
-    if found[0] == onnx.TensorProto.BFLOAT16 and opset < 13:
-        return f"Mul/Add on bfloat16 need opset >= 13 (model has {opset})"
     return ""
 
 

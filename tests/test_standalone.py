@@ -171,3 +171,19 @@ def test_bn_into_matmul_empty_optional_outputs_bug(rng):
     nodes = [helper.make_node("MatMul", ["x", "W"], ["c"], name="mm"), bn]
     model = make_model(nodes, [value_info("x", np.float32, [2, 4])], [value_info("y", np.float32, [2, 6])], inits, opset=14)
     onnx.checker.check_model(bnfold.fold(model).model, full_check=True)
+
+
+def test_standalone_affine_bfloat16_data_float32_stats_becomes_mul_add(rng):
+    """BatchNormalization-15 with bfloat16 X (onnxruntime has no bfloat16 BN on CPU: reference)."""
+    import ml_dtypes
+
+    model = lonely_bn_model(rng, dtype=np.float32, stats_dtype=np.float32, opset=15)
+    for vi in (*model.graph.input, *model.graph.output):
+        vi.type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
+    result = bnfold.fold(model, standalone="affine")
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [f.rule for f in result.report.folded] == ["standalone_affine"]
+    assert {t.data_type for t in result.model.graph.initializer} == {onnx.TensorProto.BFLOAT16}
+    feeds = {"x": rng.normal(size=[2, 3, 3, 4]).astype(ml_dtypes.bfloat16)}
+    expected, actual = (run_reference(m, feeds)[0].astype(np.float64) for m in (model, result.model))
+    assert np.max(np.abs(expected - actual)) <= 2e-2 * np.max(np.abs(expected))

@@ -148,7 +148,7 @@ def prime_types(index) -> None:
     (folded nodes not swept yet) inference leaves later values untyped."""
     for graph in index.graphs:
         for node in graph.nodes:
-            if node.op_type in ARITHMETIC_OPS and len(node.input) == 2:
+            if node.op_type in ARITHMETIC_OPS and len(node.input) == 2 and any(graph.constant(n) is not None for n in node.input):
                 for name in node.input:
                     index.value_type(name)
 
