@@ -21,7 +21,7 @@ import numpy as np
 
 from bnfold.graph import GraphIndex, node_label
 from bnfold.report import Folded, Kept
-from bnfold.rules.affine_chain import ARITHMETIC_OPS, AffineChain, match_chain
+from bnfold.rules.affine_chain import ARITHMETIC_OPS, AffineChain, match_chain, value_dims
 from bnfold.rules.base import Plan, apply_new_tensors, match_consumer
 from bnfold.rules.conv import BnIntoConv
 from bnfold.rules.conv_transpose import BnIntoConvTranspose
@@ -46,7 +46,7 @@ class AffineRule:
         return self.bn_rule.targets(chain, graph)
 
     def reportable(self, chain: AffineChain, graph: GraphIndex) -> bool:
-        return not self.on_matmul_data or graph.model.rank(chain.x) == 2
+        return not self.on_matmul_data or _rank(chain.x, graph) == 2
 
     def match(self, chain: AffineChain, graph: GraphIndex) -> Plan | Kept:
         return self.bn_rule.match(chain, graph)
@@ -104,10 +104,15 @@ def _match_direction(chain: AffineChain, graph: GraphIndex, rules, direction: st
 def _blocked_reason(chain: AffineChain, graph: GraphIndex) -> str | None:
     """Why a chain whose output feeds a Conv / Gemm (or a MatMul on 2-D data) among other readers,
     or is also a graph output, cannot fold into it; None when it feeds no such op."""
-    matmul = graph.model.rank(chain.x) == 2
+    matmul = _rank(chain.x, graph) == 2
     linear = [n for n in graph.users(chain.y) if n.op_type in ("Conv", "Gemm") or (matmul and n.op_type == "MatMul")]
     path = match_consumer(chain, graph)
     return path.reason if linear and isinstance(path, Kept) else None
+
+
+def _rank(name: str, graph: GraphIndex) -> int | None:
+    dims = value_dims(name, graph)
+    return None if dims is None else len(dims)
 
 
 def _without_zero_bias(plan: Plan) -> Plan:

@@ -394,3 +394,19 @@ def test_affine_into_conv_wrong_fold_rolled_back(rng, tmp_path, monkeypatch):
     assert kept.bn == "block1_0" and kept.reason.startswith("verification failed: max abs error")
     assert result.verification.passed
     assert_same_outputs(model, onnx.load(result.path), rng)
+
+
+def test_affine_into_matmul_after_backward_bn_fold_reaches_fixed_point(rng):
+    """BN -> MatMul -> Mul(s): the BN folds backward and adds Add(bias) after the MatMul, whose
+    product gets a fresh, untyped name; the chain Add(bias) -> Mul(s) still folds in the same
+    run (the product's type comes from inferring the MatMul alone), so a second fold finds
+    nothing (regression: it did, found by tests/test_property.py)."""
+    inits = [tensor("B", rng.normal(size=[4, 5]).astype(np.float32))]
+    nodes = [bn_node(inits, "x", "x_bn", rng, 4, name="bn"), helper.make_node("MatMul", ["x_bn", "B"], ["m"], name="matmul")]
+    more, out = chain_nodes("m", [("Mul", rng.uniform(0.5, 2, 5).astype(np.float32), False)], inits)
+    model = make_model(nodes + more, [value_info("x", np.float32, [3, 4])], [value_info(out, np.float32, [3, 5])], inits)
+    result = assert_folds(model, rng, expect_left=0)
+    assert [f.rule for f in result.report.folded] == ["bn_into_next_matmul"]
+    assert [(f.rule, f.ops) for f in result.report.affine_folded] == [("affine_into_matmul", "Add+Mul")]
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"]
+    assert not bnfold.fold(result.model).report.modified
