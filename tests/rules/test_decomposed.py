@@ -410,3 +410,9 @@ def test_affine_into_matmul_after_backward_bn_fold_reaches_fixed_point(rng):
     assert [(f.rule, f.ops) for f in result.report.affine_folded] == [("affine_into_matmul", "Add+Mul")]
     assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"]
     assert not bnfold.fold(result.model).report.modified
+
+
+def test_affine_into_conv_constant_widens_channels_kept(rng):
+    """A 1-channel Conv output times a [3, 1, 1] constant becomes 3 channels: not a channel scale."""
+    model = conv_model(rng, [("Mul", rng.normal(size=[3, 1, 1]).astype(np.float32), False)], cout=1)
+    assert_chain_kept(model, "constant of shape [3, 1, 1] has 3 values on axis 1, 'c' has 1 channels")
