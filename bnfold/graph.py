@@ -458,8 +458,8 @@ class GraphIndex:
 
     def _drop_use(self, name: str, node: onnx.NodeProto) -> None:
         users = self.consumers.get(name)
-        if users is not None:
-            self.consumers[name] = [n for n in users if n is not node]
+        if users:
+            self.consumers[name] = [] if users[0] is node and len(users) == 1 else [n for n in users if n is not node]
         self.orphan_candidates.add(name)
 
     # --- clean-up --------------------------------------------------------------------------------
@@ -499,11 +499,11 @@ class GraphIndex:
             pending.extend(i for i in node.input if i)
 
     def _drop_orphan_initializers(self) -> None:
-        kept = self.outputs | self.inputs
+        kept, initializers, consumers = self.outputs | self.inputs, self.initializers, self.consumers
         dead = [
             name
             for name in self.orphan_candidates
-            if name in self.initializers and name not in kept and not self.is_used(name)
+            if name in initializers and name not in kept and (not consumers.get(name) or not self.is_used(name))
             and not (self.children and self._read_by_subgraph(name))
         ]
         if dead:

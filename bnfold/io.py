@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import mmap
 import os
 import pathlib
@@ -76,8 +77,8 @@ def load_model(path, *, lazy: bool = False) -> LoadedModel:
     base_dir = path.absolute().parent
     model, stubs, stamp = _read_model(path, base_dir, lazy)
     _check_is_model(model, path)
-    _check_tensors(model, path)
-    external_files = _check_external_data(model, base_dir, path, stubs)
+    external = _check_tensors(model, path)
+    external_files = _check_external_data(external, base_dir, path, stubs)
     _run_checker(path, model if stubs else None, stubs)
     return LoadedModel(model, path.resolve(), base_dir, external_files, stubs, stamp)
 
@@ -172,39 +173,62 @@ def _check_opsets(model: onnx.ModelProto, path: pathlib.Path) -> None:
 
 def _check_text(model: onnx.ModelProto, path: pathlib.Path) -> None:
     """Names must be valid UTF-8: protobuf hands invalid ones back as bytes, which would end up
-    in graph lookups and reports (and crash `--json`)."""
-    for message in _messages(model):
-        for field in _fields(message.DESCRIPTOR)[0]:
-            value = getattr(message, field.name)
-            bad = next((v for v in (value if _is_repeated(field) else [value]) if isinstance(v, bytes)), None)
-            if bad is not None:
-                raise InvalidModel(
-                    f"cannot load {path}: {type(message).__name__}.{field.name} is not valid UTF-8 ({bad[:40]!r})"
-                )
+    in graph lookups and reports (and crash `--json`).
 
-
-def _messages(message):
-    """`message` and all its submessages, without recursion (nesting depth is attacker-chosen).
-
-    Only message fields are read: reading a bytes field (raw_data) would copy the weights.
+    Every message is visited without recursion (nesting depth is attacker-chosen), through
+    ListFields (one call for all its set fields), except tensors: that would copy raw_data.
     """
-    stack = [message]
+    stack = [model]
     while stack:
         message = stack.pop()
-        yield message
-        for field in _fields(message.DESCRIPTOR)[1]:
-            if _is_repeated(field):
-                stack.extend(getattr(message, field.name))
-            elif message.HasField(field.name):
-                stack.append(getattr(message, field.name))
+        if message.DESCRIPTOR is _TENSOR:
+            name, doc = message.name, message.doc_string
+            if name.__class__ is bytes or doc.__class__ is bytes:
+                _check_strings(message, (("name", name), ("doc_string", doc)), path)
+            if message.external_data:
+                stack.extend(message.external_data)
+            if message.metadata_props:
+                stack.extend(message.metadata_props)
+            continue
+        kinds = _field_kinds(message.DESCRIPTOR)
+        for field, value in message.ListFields():
+            kind = kinds.get(field.number)
+            if kind == _STRING:
+                _check_strings(message, ((field.name, value),), path)
+            elif kind == _STRINGS:
+                _check_string_list(message, field.name, value, path)
+            elif kind == _MESSAGES:
+                stack.extend(value)
+            elif kind == _MESSAGE:
+                stack.append(value)
+
+
+def _check_strings(message, values, path: pathlib.Path) -> None:
+    for name, value in values:
+        if value.__class__ is bytes:
+            raise InvalidModel(f"cannot load {path}: {type(message).__name__}.{name} is not valid UTF-8 ({value[:40]!r})")
+
+
+def _check_string_list(message, name: str, values, path: pathlib.Path) -> None:
+    try:
+        "".join(values)  # fails on a bytes element, at C speed
+    except TypeError:
+        _check_strings(message, [(name, v) for v in values], path)
+
+
+_TENSOR = onnx.TensorProto.DESCRIPTOR
+_STRING, _STRINGS, _MESSAGE, _MESSAGES = range(1, 5)
 
 
 @functools.lru_cache(maxsize=None)
-def _fields(descriptor) -> tuple[tuple, tuple]:
-    """(string fields, message fields) of a message type."""
-    strings = tuple(f for f in descriptor.fields if f.type == f.TYPE_STRING)
-    messages = tuple(f for f in descriptor.fields if f.type == f.TYPE_MESSAGE)
-    return strings, messages
+def _field_kinds(descriptor) -> dict[int, int]:
+    """Field number -> _STRING, _STRINGS, _MESSAGE or _MESSAGES (other fields: absent)."""
+    kinds = {}
+    for field in descriptor.fields:
+        if field.type in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            kind = _STRING if field.type == field.TYPE_STRING else _MESSAGE
+            kinds[field.number] = kind + 1 if _is_repeated(field) else kind
+    return kinds
 
 
 def _is_repeated(field) -> bool:
@@ -231,6 +255,7 @@ _TYPED_FIELD = {
                                                   "FLOAT8E5M2FNUZ", "FLOAT8E8M0") if hasattr(onnx.TensorProto, n))),
         ("int32_data", 1)),
 }
+_ITEMSIZE = {t: onnx.helper.tensor_dtype_to_np_dtype(t).itemsize for t in _TYPED_FIELD}
 _KNOWN_DTYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
 
 
@@ -242,47 +267,49 @@ def _byte_size(tensor: onnx.TensorProto) -> int | None:
     """Bytes the tensor's values take in raw form; None for strings and sub-byte types."""
     if tensor.data_type not in _TYPED_FIELD:
         return None
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return itemsize * _element_count(tensor)
+    return _ITEMSIZE[tensor.data_type] * _element_count(tensor)
 
 
 def _element_count(tensor: onnx.TensorProto) -> int:
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    return count
+    return math.prod(tensor.dims)
 
 
-def _check_tensors(model: onnx.ModelProto, where) -> None:
+def _check_tensors(model: onnx.ModelProto, where) -> list[onnx.TensorProto]:
     """Every tensor's stored data fits its dtype and shape, checked from sizes alone (nothing is
-    decoded): the checker lets a mismatch through, and decoding it later would crash."""
+    decoded): the checker lets a mismatch through, and decoding it later would crash. Returns
+    the external tensors (their sizes are checked against their files next)."""
+    external = []
     for tensor in iter_tensors(model):
         problem = _tensor_problem(tensor)
         if problem:
             raise InvalidModel(f"cannot load {where}: tensor '{tensor.name}' {problem}")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            external.append(tensor)
+    return external
 
 
 def _tensor_problem(tensor: onnx.TensorProto) -> str:
-    if tensor.data_type not in _KNOWN_DTYPES:
-        return f"has unknown data type {tensor.data_type}"
-    if any(d < 0 for d in tensor.dims):
-        return f"has negative dimensions {list(tensor.dims)}"
+    data_type, dims = tensor.data_type, tensor.dims
+    if data_type not in _KNOWN_DTYPES:
+        return f"has unknown data type {data_type}"
+    if dims and min(dims) < 0:
+        return f"has negative dimensions {list(dims)}"
     if tensor.HasField("segment"):
         return "is segmented (not supported)"
     if is_external(tensor):
         return ""  # sizes checked against the data file by _check_external_data
-    shape = f"{_dtype_name(tensor.data_type)} {list(tensor.dims)}"
-    if tensor.data_type == onnx.TensorProto.STRING:
-        stored, expected = len(tensor.string_data), _element_count(tensor)
-        return "" if stored == expected else f"({shape}) holds {stored} strings, expected {expected}"
-    if tensor.data_type not in _TYPED_FIELD:
+    if data_type == onnx.TensorProto.STRING:
+        stored, expected, what = len(tensor.string_data), _element_count(tensor), "strings"
+    elif data_type not in _TYPED_FIELD:
         return ""
-    if tensor.HasField("raw_data"):
-        stored, expected = len(tensor.raw_data), _byte_size(tensor)
-        return "" if stored == expected else f"({shape}) holds {stored} bytes of data, expected {expected}"
-    field, per_element = _TYPED_FIELD[tensor.data_type]
-    stored, expected = len(getattr(tensor, field)), per_element * _element_count(tensor)
-    return "" if stored == expected else f"({shape}) holds {stored} values in {field}, expected {expected}"
+    elif tensor.HasField("raw_data"):
+        stored, expected, what = len(tensor.raw_data), _byte_size(tensor), "bytes of data"
+    else:
+        field, per_element = _TYPED_FIELD[data_type]
+        stored, expected, what = len(getattr(tensor, field)), per_element * _element_count(tensor), f"values in {field}"
+    if stored == expected:
+        return ""
+    return f"({_dtype_name(data_type)} {list(dims)}) holds {stored} {what}, expected {expected}"
 
 
 def _run_checker(path: pathlib.Path, skeleton: onnx.ModelProto | None = None, stubs=None) -> None:
@@ -357,14 +384,13 @@ def _safe_data_path(base_dir: pathlib.Path, location: str, tensor_name: str, whe
     return candidate
 
 
-def _check_external_data(model: onnx.ModelProto, base_dir: pathlib.Path, where, stubs=None) -> tuple[str, ...]:
-    """Validate every external reference; return the distinct locations in first-use order.
-    Stubs (lazy loads) point into the model file, which is no data file: only sizes checked."""
+def _check_external_data(tensors, base_dir: pathlib.Path, where, stubs=None) -> tuple[str, ...]:
+    """Validate the external references of `tensors` (the model's external ones); return the
+    distinct locations in first-use order. Stubs (lazy loads) point into the model file, which
+    is no data file: only their sizes are checked."""
     sizes: dict[pathlib.Path, int] = {}
     locations: dict[str, None] = {}
-    for tensor in iter_tensors(model):
-        if not is_external(tensor):
-            continue
+    for tensor in tensors:
         if stubs and tensor.name in stubs:
             _check_stub(tensor, stubs[tensor.name], where)
             continue
