@@ -63,17 +63,19 @@ def fold(model: ModelLike, *, rules: Iterable[str] | None = None, base_dir=None,
     return fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone)
 
 
-def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None, standalone: str = "keep") -> FoldResult:
+def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None, standalone: str = "keep", spill=None) -> FoldResult:
     """Fold `model` in place (callers that must keep their input pass a copy).
 
     `skip` maps (graph path, BN label) to the reason a BN is kept without trying any rule
-    (folds that verification rolled back, see bnfold.rollback).
+    (folds that verification rolled back, see bnfold.rollback). `spill` (a lazy load's
+    bnfold.io.Spill) takes the big tensors the fold makes out of memory; the model then holds
+    stubs for them, and is only whole once saved with `io.stage_model(source=...)`.
     """
     started = time.perf_counter()
     active = select_rules(rules)
     if standalone not in STANDALONE_MODES:
         raise UsageError(f"standalone must be one of {', '.join(STANDALONE_MODES)}, got {standalone!r}")
-    index = ModelIndex(model, base_dir)
+    index = ModelIndex(model, base_dir, spill)
     before = count_batchnorms(index)
     prime_types(index)
     folded: list[Folded] = []
@@ -277,7 +279,7 @@ def fold_file(
     if not in_place and target.resolve() == loaded.path:
         raise UsageError(f"output {target} is the input; pass --in-place to overwrite it")
     phase("folding")
-    result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone)
+    result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone, spill=loaded.spill)
     settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol)
     verification = _stage_and_verify(result, loaded, target, verify, settings, phase)
     if isinstance(verification, FoldResult):
@@ -319,7 +321,7 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
 
     def refold(skip: dict) -> FoldResult:
         source = io.load_model(loaded.path, lazy=True)
-        return fold_model(source.model, base_dir=source.base_dir, skip=skip, **options)
+        return fold_model(source.model, base_dir=source.base_dir, skip=skip, spill=loaded.spill, **options)
 
     def trial(subset) -> tuple[bool, float]:
         chosen = set(subset)

@@ -89,9 +89,10 @@ def _outer_names_read(graph: onnx.GraphProto) -> set[str]:
 class ModelIndex:
     """Indexes of every graph of a model, plus what they share (names, opsets, tensor reader)."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str | pathlib.Path | None = None):
+    def __init__(self, model: onnx.ModelProto, base_dir: str | pathlib.Path | None = None, spill=None):
         self.model = model
         self.base_dir = pathlib.Path(base_dir) if base_dir is not None else None
+        self.spill = spill  # bnfold.io.Spill: where big new tensors go (lazy loads), or None
         self.opsets = {_domain(o.domain): o.version for o in model.opset_import}
         self.names: set[str] = set()
         self._counter = itertools.count()
@@ -123,6 +124,9 @@ class ModelIndex:
     def read_tensor(self, tensor: onnx.TensorProto) -> np.ndarray | None:
         """Decode an initializer; None when its external data is not reachable."""
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            spilled = self.spill.find(tensor) if self.spill is not None else None
+            if spilled is not None:
+                return self.spill.read(tensor, spilled)
             if self.base_dir is None:
                 return None
             from bnfold.io import read_tensor
@@ -366,7 +370,16 @@ class GraphIndex:
 
     def _add_initializer(self, value: np.ndarray, base: str) -> str:
         name = self.model.unique_name(base)
-        self.initializers[name] = encode_tensor(value, name, self.graph.initializer.add())
+        spill, stub = self.model.spill, None
+        if spill is not None and value.nbytes >= spill.min_bytes and value.dtype in _ONNX_DTYPES:
+            header = onnx.TensorProto(name=name, data_type=_ONNX_DTYPES[value.dtype], dims=value.shape)
+            stub = spill.put(header, np.ascontiguousarray(value, value.dtype.newbyteorder("<")))
+        tensor = self.graph.initializer.add()
+        if stub is not None:
+            tensor.CopyFrom(stub)
+        else:
+            encode_tensor(value, name, tensor)
+        self.initializers[name] = tensor
         if value.nbytes < MAX_MEMO_BYTES:
             self._constants[name] = (value, 0)
         return name

@@ -59,6 +59,55 @@ class LoadedModel:
     # file's (size, mtime) when read, so saving can tell that their bytes are still there
     stubs: dict[str, wire.Stub] = dataclasses.field(default_factory=dict)
     file_stamp: tuple[int, int] | None = None
+    spill: Spill | None = None  # lazy loads: where the tensors a fold makes go (see Spill)
+
+
+class Spill:
+    """The big tensors a fold of a lazy load makes, written to an anonymous temporary file as
+    they are made instead of held in memory until the model is saved: the model keeps a stub
+    (as for the source's tensors), `read` gives the value back, saving copies the record.
+    Memory then stays at about the graph plus the largest tensor, whatever the model's size."""
+
+    LOCATION = "<bnfold spill>"  # no file by that name: a stub that escaped is refused, not misread
+
+    def __init__(self, min_bytes: int):
+        self.min_bytes = min_bytes
+        self.file = None
+        self.size = 0
+        self.stubs: dict[bytes, wire.Stub] = {}  # by the stub's bytes (see wire._unchanged)
+
+    def put(self, header: onnx.TensorProto, data: np.ndarray) -> onnx.TensorProto:
+        """Write a tensor (`header`: all but its data; `data`: its raw little-endian values)
+        out; returns its stub."""
+        prefix, stub, found = wire.spill_record(header, data.nbytes, self.LOCATION, self.size)
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="bnfold-spill-")
+        fd = self.file.fileno()
+        os.pwrite(fd, prefix, self.size)
+        view, at = memoryview(data).cast("B"), self.size + len(prefix)
+        while view:  # straight from the array: no bytes copy
+            done = os.pwrite(fd, view, at)
+            view, at = view[done:], at + done
+        self.size += len(prefix) + data.nbytes
+        self.stubs[found.stub] = found
+        return stub
+
+    def find(self, tensor: onnx.TensorProto) -> wire.Stub | None:
+        if not self.stubs or tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return None
+        return self.stubs.get(tensor.SerializeToString())
+
+    def read(self, tensor: onnx.TensorProto, found: wire.Stub) -> np.ndarray:
+        from bnfold.graph import decode_tensor
+
+        full = onnx.TensorProto()
+        full.name, full.data_type = tensor.name, tensor.data_type
+        full.dims.extend(tensor.dims)
+        full.raw_data = os.pread(self.file.fileno(), found.data_length, found.data_offset)
+        return decode_tensor(full)
+
+    def fileno(self) -> int | None:
+        return self.file.fileno() if self.file is not None else None
 
 
 # --------------------------------------------------------------------------- loading
@@ -80,7 +129,8 @@ def load_model(path, *, lazy: bool = False) -> LoadedModel:
     external = _check_tensors(model, path)
     external_files = _check_external_data(external, base_dir, path, stubs)
     _run_checker(path, model if stubs else None, stubs)
-    return LoadedModel(model, path.resolve(), base_dir, external_files, stubs, stamp)
+    spill = Spill(LAZY_MIN_TENSOR) if stubs else None
+    return LoadedModel(model, path.resolve(), base_dir, external_files, stubs, stamp, spill)
 
 
 def _read_model(path: pathlib.Path, base_dir: pathlib.Path, lazy: bool):
@@ -629,10 +679,14 @@ def _check_data_targets(staged: StagedModel, source: LoadedModel | None, renames
 
 
 def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_threshold: int) -> None:
-    splice = wire.plan_splice(model, source.stubs) if source is not None and source.stubs else None
+    splice = None
+    if source is not None and source.stubs:
+        spilled = source.spill.stubs if source.spill is not None else {}
+        splice = wire.plan_splice(model, {**source.stubs, **spilled})
     if splice is not None and splice[1] <= MAX_EMBEDDED:
         _write_spliced(splice[0], staged, source)
     else:  # stubs of a model grown too big to embed stay external refs: the model file is their data
+        _unspill(model, source)
         _write_whole(model, staged, source, size_threshold)
     if staged.dst.exists():  # an overwrite keeps the file's permissions
         shutil.copymode(staged.dst, staged.path)
@@ -647,10 +701,23 @@ def _write_spliced(pieces: list, staged: StagedModel, source: LoadedModel) -> No
             raise WriteFailed(f"cannot write {staged.dst}: the input {source.path} changed since it was read")
         fd = os.open(staged.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            wire.write_splice(fd, pieces, src.fileno())
+            wire.write_splice(fd, pieces, src.fileno(), source.spill.fileno() if source.spill else None)
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _unspill(model: onnx.ModelProto, source: LoadedModel | None) -> None:
+    """Put spilled tensors' bytes back into `model` (a model too big to embed after all)."""
+    spill = source.spill if source is not None else None
+    if spill is None or not spill.stubs:
+        return
+    for tensor in _initializers(model.graph):
+        found = spill.find(tensor)
+        if found is not None:
+            tensor.raw_data = os.pread(spill.fileno(), found.data_length, found.data_offset)
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
 
 
 def _write_whole(model, staged: StagedModel, source: LoadedModel | None, size_threshold: int) -> None:

@@ -30,13 +30,15 @@ class WireError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Stub:
-    """Where an embedded tensor's record and data lie in the source file."""
+    """Where an embedded tensor's record and data lie in the source file (or, `spilled`, in
+    the spill file of the tensors a fold made)."""
 
     record_offset: int  # the whole initializer record: tag, length, TensorProto
     record_length: int
     data_offset: int  # its raw_data bytes
     data_length: int
     stub: bytes  # the stub TensorProto as serialized: unchanged while equal
+    spilled: bool = False
 
 
 def read_varint(buf, pos: int) -> tuple[int, int]:
@@ -148,6 +150,22 @@ def _stub(buf, start: int, pos: int, end: int, location: str):
     return tensor.name, body, Stub(start, end - start, data_offset, data_end - data_offset, body)
 
 
+def spill_record(header: onnx.TensorProto, data_length: int, location: str, offset: int) -> tuple[bytes, onnx.TensorProto, Stub]:
+    """For a tensor (`header`: all but its data) whose raw data of `data_length` bytes is to be
+    written at `offset` of a spill file: (the record's bytes before the data, the stub, Stub)."""
+    head = header.SerializeToString()
+    body_length = len(head) + len(record(RAW_DATA, data_length)) + data_length
+    prefix = record(INITIALIZER, body_length) + head + record(RAW_DATA, data_length)
+    stub = onnx.TensorProto()
+    stub.CopyFrom(header)
+    for key, value in (("location", location), ("offset", str(offset + len(prefix))), ("length", str(data_length))):
+        entry = stub.external_data.add()
+        entry.key, entry.value = key, value
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    found = Stub(offset, len(prefix) + data_length, offset + len(prefix), data_length, stub.SerializeToString(), spilled=True)
+    return prefix, stub, found
+
+
 def plan_splice(model: onnx.ModelProto, stubs: dict[str, Stub]) -> tuple[list, int]:
     """What `write_splice` writes for `model`, in order (bytes; a Stub to copy from the source
     file; a TensorProto to serialize), and the total size. Each initializer that is still an
@@ -161,11 +179,11 @@ def plan_splice(model: onnx.ModelProto, stubs: dict[str, Stub]) -> tuple[list, i
     return pieces, len(pieces[0]) - len(graph_before) + graph_length + len(after)
 
 
-def write_splice(fd: int, pieces: list, source_fd: int) -> None:
+def write_splice(fd: int, pieces: list, source_fd: int, spill_fd: int | None = None) -> None:
     """Write a `plan_splice` plan to `fd`, one tensor in memory at a time."""
     for piece in pieces:
         if isinstance(piece, Stub):
-            _copy(source_fd, fd, piece)
+            _copy(spill_fd if piece.spilled else source_fd, fd, piece)
         elif isinstance(piece, bytes):
             _write(fd, piece)
         else:
@@ -174,11 +192,16 @@ def write_splice(fd: int, pieces: list, source_fd: int) -> None:
             _write(fd, body)
 
 
-def _unchanged(tensor: onnx.TensorProto, stubs: dict[str, Stub]) -> Stub | None:
-    found = stubs.get(tensor.name)
-    if found is None or tensor.data_location != onnx.TensorProto.EXTERNAL:
+def _unchanged(tensor: onnx.TensorProto, stubs: dict) -> Stub | None:
+    """The Stub `tensor` still is: found by name among the source's, by its bytes among the
+    spilled ones (a refold may spill a tensor of the same name again)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None
-    return found if tensor.SerializeToString() == found.stub else None
+    body = tensor.SerializeToString()
+    found = stubs.get(tensor.name)
+    if found is not None and body == found.stub:
+        return found
+    return stubs.get(body)
 
 
 def _shell(message, skipped: int) -> tuple[bytes, bytes]:

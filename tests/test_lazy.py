@@ -147,3 +147,45 @@ def test_lazy_external_data_unchanged_tensor_keeps_offset_verifies(tmp_path, rng
     assert entries(after, "W2") == {**entries(before, "W2"), "location": "out.onnx.data"}
     assert "W2" not in reads and reads.count("W1") == 1
     assert_same_outputs(model, onnx.load(tmp_path / "out.onnx"), rng)
+
+
+def test_lazy_second_bn_reads_spilled_weight_verifies(tmp_path, rng, lazy):
+    """Conv -> BN -> BN: the second fold reads the weight the first one made, which went to
+    the spill file (big enough), not into memory."""
+    model = conv_bn_conv(rng)
+    inits = list(model.graph.initializer)
+    second = bn_node(inits, "b", "b2", rng, 8, name="bn2")
+    model.graph.initializer.extend(inits[len(model.graph.initializer):])
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.input[0] = "b2"
+    model.graph.node.insert(2, second)
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    loaded = io.load_model(src, lazy=True)
+    result = bnfold.api.fold_model(loaded.model, base_dir=loaded.base_dir, spill=loaded.spill)
+    assert result.report.bn_after == 0 and len(loaded.spill.stubs) >= 2  # W1 twice: after bn, after bn2
+    io.save_model(result.model, tmp_path / "out.onnx", source=loaded)
+    assert_same_outputs(model, onnx.load(tmp_path / "out.onnx"), rng)
+
+
+def test_lazy_rollback_refolds_with_spill_kept(tmp_path, rng, lazy, monkeypatch):
+    """A wrong fold (bias off by 0.5, as a rule bug would make) is found and undone; the refolds
+    spill their tensors to the same file and the output is still whole and correct."""
+    from bnfold.rules.base import WeightAndBiasRule
+
+    real = WeightAndBiasRule.plan
+
+    def wrong_plan(self, bn, node, graph):
+        plan = real(self, bn, node, graph)
+        n, position, bias = plan.new_inputs[1]
+        plan.new_inputs[1] = (n, position, (bias + 0.5).astype(bias.dtype))
+        return plan
+
+    monkeypatch.setattr(WeightAndBiasRule, "plan", wrong_plan)
+    model = conv_bn_conv(rng)
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    result = bnfold.fold_file(src, tmp_path / "out.onnx")
+    (kept,) = result.report.kept
+    assert kept.bn == "bn" and "verification" in kept.reason
+    assert_same_outputs(model, onnx.load(tmp_path / "out.onnx"), rng)
