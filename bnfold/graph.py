@@ -666,7 +666,14 @@ def _count(shape) -> int:
 
 
 def _evaluate(node: onnx.NodeProto, values: list, opset: int) -> np.ndarray | None:
-    """Evaluate one pure node on constant inputs with onnx's reference evaluator."""
+    """Evaluate one pure node on constant inputs with onnx's reference evaluator (Expand, the
+    zero bias of every bias-less Conv in a dynamo export, directly in numpy)."""
+    if node.op_type == "Expand" and len(values) == 2:
+        data, shape = values
+        try:
+            return np.array(np.broadcast_to(data, np.broadcast_shapes(data.shape, _shape_value(shape))))
+        except ValueError:
+            return None
     from onnx.reference import ReferenceEvaluator
 
     feeds = {name: v for name, v in zip(node.input, values) if name}

