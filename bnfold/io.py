@@ -62,6 +62,7 @@ class LoadedModel:
     stubs: dict[str, wire.Stub] = dataclasses.field(default_factory=dict)
     file_stamp: tuple[int, int] | None = None
     spill: Spill | None = None  # lazy loads: where the tensors a fold makes go (see Spill)
+    stub_location: str | None = None  # lazy loads: the stubs' external data location
 
 
 class Spill:
@@ -132,7 +133,7 @@ def load_model(path, *, lazy: bool = False) -> LoadedModel:
     external_files = _check_external_data(external, base_dir, path, stubs)
     _run_checker(path, model if stubs else None, stubs)
     spill = Spill(LAZY_MIN_TENSOR) if stubs else None
-    return LoadedModel(model, path.resolve(), base_dir, external_files, stubs, stamp, spill)
+    return LoadedModel(model, path.resolve(), base_dir, external_files, stubs, stamp, spill, path.name if stubs else None)
 
 
 def _read_model(path: pathlib.Path, base_dir: pathlib.Path, lazy: bool):
@@ -686,6 +687,7 @@ def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_t
         spilled = source.spill.stubs if source.spill is not None else {}
         splice = wire.plan_splice(model, {**source.stubs, **spilled})
     if splice is not None and splice[1] <= MAX_EMBEDDED:
+        _check_no_stale_stub(splice[0], source)
         _write_spliced(splice[0], staged, source)
     else:  # stubs of a model grown too big to embed stay external refs: the model file is their data
         _unspill(model, source)
@@ -693,6 +695,16 @@ def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_t
     if staged.dst.exists():  # an overwrite keeps the file's permissions
         shutil.copymode(staged.dst, staged.path)
     _sync_dir(staged.tmp_dir)
+
+
+def _check_no_stale_stub(pieces: list, source: LoadedModel) -> None:
+    """A stub edited after loading matches no record: written as it is, it would point into the
+    input (or the spill file) from the output. Refuse; nothing in bnfold edits a tensor in place."""
+    stale = {source.stub_location, Spill.LOCATION}
+    for piece in pieces:
+        if isinstance(piece, onnx.TensorProto) and is_external(piece):
+            if _external_ref(piece, "model").location in stale:
+                raise ValueError(f"initializer '{piece.name}' was edited in place after a lazy load")
 
 
 def _write_spliced(pieces: list, staged: StagedModel, source: LoadedModel) -> None:

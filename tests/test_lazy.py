@@ -189,3 +189,15 @@ def test_lazy_rollback_refolds_with_spill_kept(tmp_path, rng, lazy, monkeypatch)
     (kept,) = result.report.kept
     assert kept.bn == "bn" and "verification" in kept.reason
     assert_same_outputs(model, onnx.load(tmp_path / "out.onnx"), rng)
+
+
+def test_lazy_stub_edited_in_place_refused(tmp_path, rng, lazy):
+    """Editing a stub (not replacing it, as every fold does) would leave the output pointing
+    into the input file: refused, nothing written."""
+    src = tmp_path / "m.onnx"
+    src.write_bytes(conv_bn_conv(rng).SerializeToString())
+    loaded = io.load_model(src, lazy=True)
+    next(t for t in loaded.model.graph.initializer if t.name == "W2").doc_string = "edited"
+    with pytest.raises(ValueError, match="'W2' was edited in place"):
+        io.save_model(loaded.model, tmp_path / "out.onnx", source=loaded)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
