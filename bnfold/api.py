@@ -143,7 +143,6 @@ def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list
         progress = False
         while work:
             node = work.pop()
-            around = (node.input[0] if node.input else "", node.output[0] if node.output else "")
             result = fold_one(node, graph, rules, skip)
             if isinstance(result, Kept):
                 kept[id(node)] = (node, result)
@@ -151,7 +150,8 @@ def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list
             folded.append(result)
             kept.pop(id(node), None)
             progress = True
-            if kept:
+            if kept:  # a folded BN node keeps its input and output names
+                around = (node.input[0] if node.input else "", node.output[0] if node.output else "")
                 work.push(n for n in _nodes_near(graph, around) if id(n) in kept)
         if progress:
             work.push(node for node, _ in kept.values())
@@ -213,8 +213,9 @@ def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules, skip=None) -> Folde
     for direction in ("forward", "backward"):
         rule, result, candidate = _match_direction(bn, graph, rules, direction)
         if not isinstance(result, Kept):
+            label = bn.label  # before the edit: a BN turned into an Add would be named as the Add
             apply_plan(result, graph)
-            return Folded(bn.label, node_label(result.into), rule.name, graph.path)
+            return Folded(label, node_label(result.into), rule.name, graph.path)
         attempts.append((result, candidate))
     (forward, has_producer), (backward, has_consumer) = attempts
     if has_producer and not has_consumer:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import pathlib
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -373,7 +374,7 @@ class GraphIndex:
         spill, stub = self.model.spill, None
         if spill is not None and value.nbytes >= spill.min_bytes and value.dtype in _ONNX_DTYPES:
             header = onnx.TensorProto(name=name, data_type=_ONNX_DTYPES[value.dtype], dims=value.shape)
-            stub = spill.put(header, np.ascontiguousarray(value, value.dtype.newbyteorder("<")))
+            stub = spill.put(header, _little_endian(value))
         tensor = self.graph.initializer.add()
         if stub is not None:
             tensor.CopyFrom(stub)
@@ -575,9 +576,10 @@ def decode_tensor(tensor: onnx.TensorProto) -> np.ndarray:
     """An embedded tensor's value; raw bytes of common dtypes are viewed, not converted
     (numpy_helper's round trip costs more than the fold itself on small tensors). Read-only."""
     dtype = _RAW_DTYPES.get(tensor.data_type)
-    if dtype is None or not tensor.HasField("raw_data"):
+    raw = tensor.raw_data if dtype is not None else b""
+    if not raw:  # typed fields, other dtypes, or an empty tensor
         return numpy_helper.to_array(tensor)
-    return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
 
 
 def encode_tensor(value: np.ndarray, name: str, tensor: onnx.TensorProto) -> onnx.TensorProto:
@@ -589,8 +591,17 @@ def encode_tensor(value: np.ndarray, name: str, tensor: onnx.TensorProto) -> onn
     tensor.name = name
     tensor.data_type = data_type
     tensor.dims.extend(value.shape)
-    tensor.raw_data = np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes()
+    tensor.raw_data = _little_endian(value).tobytes()
     return tensor
+
+
+def _little_endian(value: np.ndarray) -> np.ndarray:
+    if _NATIVE_LITTLE and value.dtype.isnative:
+        return np.ascontiguousarray(value)
+    return np.ascontiguousarray(value, value.dtype.newbyteorder("<"))
+
+
+_NATIVE_LITTLE = sys.byteorder == "little"
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
