@@ -122,3 +122,24 @@ def test_scaling_finish_keeps_unchanged_initializers_in_place(rng):
     index.finish()
     assert any(t is unchanged for t in model.graph.initializer)
     assert len(model.graph.initializer) == 5 * 2 + 1  # new W and B per conv, plus the untouched one
+
+
+def test_scaling_verify_one_session_per_model_and_provider_passes(rng, tmp_path, monkeypatch):
+    """Verification builds each onnxruntime session once (reference and candidate, per
+    provider) and generates the inputs once, however many outputs are compared; its time is
+    reported apart from the fold's."""
+    import importlib
+
+    import onnxruntime as ort
+
+    verify = importlib.import_module("bnfold.verify")  # bnfold.verify is also the function's name
+    sessions, inputs = [], []
+    real_session, real_inputs = ort.InferenceSession, verify.generate_inputs
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: (sessions.append(1), real_session(*a, **k))[1])
+    monkeypatch.setattr(verify, "generate_inputs", lambda *a, **k: (inputs.append(1), real_inputs(*a, **k))[1])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(conv_bn_relu_chain(rng, 3).SerializeToString())
+    result = bnfold.fold_file(src, tmp_path / "out.onnx", providers=["CPUExecutionProvider"])
+    assert result.verification.passed
+    assert len(sessions) == 2 and len(inputs) == 1
+    assert result.verification.seconds > 0 and result.to_dict()["verification"]["seconds"] == result.verification.seconds
