@@ -7,9 +7,10 @@ though a fold changes only some tensors. Here the model file is scanned at the w
 least `min_tensor` bytes whose data is one `raw_data` field becomes a *stub*, the same tensor
 without its data, pointing at its bytes inside the model file as external data (location = the
 model file's name), so whoever needs its value reads just that range. Everything else is parsed
-as usual. Saving writes the graph's initializers record by record: a stub still unchanged is its
-original record copied from the source file by the kernel (`os.copy_file_range`), anything else
-is serialized. Only ModelProto.graph (field 7) and GraphProto.initializer (field 5) are treated
+as usual. The big tensors a fold makes are spilled the same way (`spill_record`: a record in a
+temporary file, a stub in the model). Saving writes the graph's initializers record by record: a
+stub still unchanged is its record copied from the source or spill file by the kernel
+(`os.copy_file_range`), anything else is serialized. Only ModelProto.graph (field 7) and GraphProto.initializer (field 5) are treated
 specially; TensorProto's raw_data is field 9, external_data 13, data_location 14.
 """
 
