@@ -232,17 +232,10 @@ def check_report(case: GraphCase, result) -> None:
 
 
 def bn_records(case: GraphCase, report) -> dict:
-    """The report's records by the label of the BN they are about.
-
-    Works around a known bnfold bug, pinned by test_bn_into_matmul_unnamed_bn_keeps_its_label:
-    an unnamed BN that a fold turns into an Add is reported as "Add(<its output>)".
-    """
-    renamed = {f"Add({n.output[0]})": node_label(n) for n in bn_nodes(case.model) if not n.name}
+    """The report's records by the label of the BN they are about (as named in the input)."""
     records: dict = {}
     for entry in (*report.folded, *report.kept):
-        label = renamed.get(entry.bn, entry.bn) if isinstance(entry, bnfold.Folded) else entry.bn
-        KNOWN_BUGS_SEEN["unnamed BN reported as Add(...)"] += label != entry.bn
-        records.setdefault(label, entry)
+        records.setdefault(entry.bn, entry)
     return records
 
 
@@ -380,11 +373,10 @@ def test_property_planted_unsafe_fold_is_caught(rng):
 # --------------------------------------------------------------------------- bugs the properties found
 
 
-@pytest.mark.xfail(strict=True, reason="fold_one labels the record after apply_plan turned the BN into Add: 'Add(y)'")
-def test_bn_into_matmul_unnamed_bn_keeps_its_label(rng):
-    """The report names a BN by its label in the input; an unnamed BN folded by bn_into_matmul
-    (the BN node becomes Add(product, shift)) is reported as 'Add(y)', a node the input does not
-    have, and rollback's skip map, keyed by that label, cannot undo the fold."""
+def test_regression_bn_into_matmul_unnamed_bn_keeps_its_label(rng):
+    """Regression (found by the property test): the report names a BN by its label in the input;
+    an unnamed BN folded by bn_into_matmul (the BN node becomes Add(product, shift)) was reported
+    as 'Add(y)', a node the input does not have, and rollback's skip map could not undo it."""
     inits = [tensor("W", rng.normal(0, 0.5, [3, 4]).astype(np.float32))]
     nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"), bn_node(inits, "m", "y", rng, 4)]
     nodes[1].name = ""
