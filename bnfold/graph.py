@@ -142,6 +142,8 @@ class ModelIndex:
             self._types = _declared_types(self.model)
         if name not in self._types and not self._inferred:
             self._inferred = True
+            for graph in self.graphs:  # inference reads nodes in order: nodes added by a fold
+                graph._place_added_nodes()  # (appended) go where they belong first
             for key, value in _inferred_types(self.model).items():
                 self._types.setdefault(key, value)
         return self._types.get(name)
@@ -457,6 +459,8 @@ class GraphIndex:
                 self._drop_use(name, node)
         node.op_type = op_type
         node.domain = ""
+        while len(node.output) > 1 and not node.output[-1]:  # BN's unused optional outputs
+            del node.output[-1]
         del node.attribute[:]
         del node.input[:]
         node.input.extend(inputs)

@@ -163,14 +163,17 @@ def test_standalone_cli_default_keeps_and_bad_value_exit_2(rng, tmp_path):
     assert "Invalid value for '--standalone'" in invoke([path, "--standalone", "mul"], 2).stderr
 
 
-@pytest.mark.xfail(strict=True, reason="bug: bn_into_matmul turns a BN with outputs [y, '', ''] into an Add with 3 outputs")
-def test_bn_into_matmul_empty_optional_outputs_bug(rng):
+def test_regression_bn_into_matmul_empty_optional_outputs_dropped(rng):
+    """bn_into_matmul turned a BN with outputs [y, '', ''] into an Add with 3 outputs (invalid)."""
     inits = [tensor("W", rng.normal(size=[4, 6]).astype(np.float32))]
     bn = bn_node(inits, "c", "y", rng, 6, name="bn")
     bn.output.extend(["", ""])
     nodes = [helper.make_node("MatMul", ["x", "W"], ["c"], name="mm"), bn]
     model = make_model(nodes, [value_info("x", np.float32, [2, 4])], [value_info("y", np.float32, [2, 6])], inits, opset=14)
-    onnx.checker.check_model(bnfold.fold(model).model, full_check=True)
+    result = bnfold.fold(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [f.rule for f in result.report.folded] == ["bn_into_matmul"]
+    assert [list(n.output) for n in result.model.graph.node if n.op_type == "Add"] == [["y"]]
 
 
 def test_standalone_affine_bfloat16_data_float32_stats_becomes_mul_add(rng):
