@@ -268,6 +268,11 @@ def fold_file(
     folds responsible are found and undone (their BN kept with the reason, see bnfold.rollback)
     and the result verified again; `strict` makes a failure an error instead. `on_phase(text)`
     is told what is being done (for a progress display).
+
+    The written file (`result.path`) is the product. For model files of 32 MiB or more the
+    weights are not read into memory: `result.model` then refers to unchanged weights in the
+    input file and to new ones in a temporary file that ends with the process, so it is not a
+    self-contained model; use `bnfold.fold(path)` for one in memory.
     """
     from bnfold import io
 
