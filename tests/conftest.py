@@ -175,3 +175,19 @@ def assert_kept(model, fragment: str, rules=None):
     assert not result.modified
     assert result.model.SerializeToString() == model.SerializeToString()
     return result
+
+
+def conv_bn_relu_chain(rng, blocks=3, channels=8, batch="batch", size=8) -> onnx.ModelProto:
+    """`blocks` x (Conv 3x3 pad 1 -> BN 'bn<i>' -> Relu): every BN foldable into its Conv."""
+    inits, nodes, x = [], [], "x"
+    for i in range(blocks):
+        cin = 3 if i == 0 else channels
+        inits.append(tensor(f"W{i}", rng.normal(0, 0.3, [channels, cin, 3, 3]).astype(np.float32)))
+        nodes += [
+            helper.make_node("Conv", [x, f"W{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+            bn_node(inits, f"c{i}", f"b{i}", rng, channels, name=f"bn{i}"),
+            helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        x = f"r{i}"
+    inputs = [value_info("x", np.float32, [batch, 3, size, size])]
+    return make_model(nodes, inputs, [value_info(x, np.float32, [batch, channels, size, size])], inits)

@@ -9,21 +9,11 @@ from onnx import helper
 
 import bnfold
 from bnfold import algebra
-from conftest import assert_same_outputs, bn_node, count_bn, make_model, tensor, value_info
+from conftest import assert_same_outputs, conv_bn_relu_chain, count_bn, make_model, value_info
 
 
 def conv_chain(rng, blocks=3, channels=8):
-    inits, nodes, x = [], [], "x"
-    for i in range(blocks):
-        cin = 3 if i == 0 else channels
-        inits.append(tensor(f"W{i}", rng.normal(0, 0.3, [channels, cin, 3, 3]).astype(np.float32)))
-        nodes += [
-            helper.make_node("Conv", [x, f"W{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
-            bn_node(inits, f"c{i}", f"b{i}", rng, channels, name=f"bn{i}"),
-            helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"),
-        ]
-        x = f"r{i}"
-    return make_model(nodes, [value_info("x", np.float32, ["batch", 3, 8, 8])], [value_info(x, np.float32, ["batch", channels, 8, 8])], inits)
+    return conv_bn_relu_chain(rng, blocks, channels)
 
 
 def sha(path) -> str:

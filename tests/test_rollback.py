@@ -4,32 +4,20 @@ A wrong fold is simulated by breaking one rule for chosen BN (what a bug in a ru
 the output must then verify against the original independently of bnfold (conftest helpers).
 """
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper
 
 import bnfold
 from bnfold.cli import main
 from bnfold.report import Folded
 from bnfold.rollback import find_failing_folds
 from bnfold.rules.base import WeightAndBiasRule
-from conftest import assert_same_outputs, bn_node, count_bn, make_model, tensor, value_info
+from conftest import assert_same_outputs, conv_bn_relu_chain, count_bn
 
 
 def conv_chain(rng, blocks: int, channels: int = 4):
-    inits, nodes, x = [], [], "x"
-    for i in range(blocks):
-        cin = 3 if i == 0 else channels
-        inits.append(tensor(f"W{i}", rng.normal(0, 0.3, [channels, cin, 3, 3]).astype(np.float32)))
-        nodes += [
-            helper.make_node("Conv", [x, f"W{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
-            bn_node(inits, f"c{i}", f"b{i}", rng, channels, name=f"bn{i}"),
-            helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"),
-        ]
-        x = f"r{i}"
-    return make_model(nodes, [value_info("x", np.float32, [1, 3, 6, 6])], [value_info(x, np.float32, [1, channels, 6, 6])], inits)
+    return conv_bn_relu_chain(rng, blocks, channels, batch=1, size=6)
 
 
 @pytest.fixture

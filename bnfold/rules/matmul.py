@@ -15,13 +15,19 @@ from bnfold.report import Kept
 from bnfold.rules.base import BatchNorm, ForwardRule, Plan, check_sole_use
 
 
+def matmul_weight_2d(rule: ForwardRule, bn: BatchNorm, matmul, graph):
+    """The constant 2-D weight B [K, C] of a MatMul, or Kept."""
+    weight = rule.weight(bn, graph, matmul, 1, "weight (second input)")
+    if isinstance(weight, Kept) or weight.ndim == 2:
+        return weight
+    return Kept(bn.label, f"MatMul '{node_label(matmul)}' weight has rank {weight.ndim}, expected 2", graph.path)
+
+
 def match_matmul_weight(rule: ForwardRule, bn: BatchNorm, matmul, graph):
     """B of a 2-D MatMul feeding BN, or Kept with why the product is not provably [N, C]."""
-    weight = rule.weight(bn, graph, matmul, 1, "weight (second input)")
+    weight = matmul_weight_2d(rule, bn, matmul, graph)
     if isinstance(weight, Kept):
         return weight
-    if weight.ndim != 2:
-        return Kept(bn.label, f"MatMul '{node_label(matmul)}' weight has rank {weight.ndim}, expected 2", graph.path)
     rank = graph.model.rank(bn.x)
     if rank is None:
         rank = graph.model.rank(matmul.input[0])

@@ -33,7 +33,7 @@ from bnfold.rules.channel_axis import SHAPE_OPS, Tracked, describe, follow
 from bnfold.rules.conv import BnIntoConv
 from bnfold.rules.conv_transpose import BnIntoConvTranspose
 from bnfold.rules.gemm import BnIntoGemm
-from bnfold.rules.matmul import BnIntoMatMulAdd
+from bnfold.rules.matmul import BnIntoMatMulAdd, matmul_weight_2d
 
 MAX_PATH = 32  # shape-only ops followed back from BN; real models have a handful
 
@@ -177,11 +177,9 @@ class BnThroughShapeIntoMatMul(ThroughShape):
 
 def matmul_columns(rule: ForwardRule, bn: BatchNorm, matmul, graph):
     """The constant 2-D B [K, C] of a MatMul whose C columns are BN's channels, or Kept."""
-    weight = rule.weight(bn, graph, matmul, 1, "weight (second input)")
+    weight = matmul_weight_2d(rule, bn, matmul, graph)
     if isinstance(weight, Kept):
         return weight
-    if weight.ndim != 2:
-        return Kept(bn.label, f"MatMul '{node_label(matmul)}' weight has rank {weight.ndim}, expected 2", graph.path)
     return rule.channel_mismatch(bn, graph, matmul, weight.shape[1]) or weight
 
 
