@@ -334,16 +334,25 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
         skip = rollback.skip_map([*kept, *(f for f in folds if f not in chosen)])
         with io.stage_model(refold(skip).model, target, source=loaded) as staged:
             outcome = _verify_path(loaded.path, staged.path, settings)
-        return outcome.passed, outcome.max_abs_err()
+        return outcome.passed, _error(outcome)
 
-    failing = rollback.find_failing_folds(folds, trial, verification.max_abs_err())
+    failing = rollback.find_failing_folds(folds, trial, _error(verification))
     return refold(rollback.skip_map(failing, failing))
 
 
-def _verify_path(reference, candidate, settings: dict):
-    from bnfold.verify import verify as run_verify
+def _error(verification) -> float:
+    """Max abs error of a failed verification; inf when the candidate did not run at all."""
+    return verification.max_abs_err() if verification.checks else float("inf")
 
-    return run_verify(reference, candidate, **settings)
+
+def _verify_path(reference, candidate, settings: dict):
+    """The Verification; a candidate that no engine runs is a failed one (to be rolled back)."""
+    from bnfold.verify import Verification, verify as run_verify
+
+    try:
+        return run_verify(reference, candidate, **settings)
+    except VerificationFailed as err:
+        return Verification(False, "onnxruntime", (), (), 0.0, note=str(err))
 
 
 def _failure(verification, why: str) -> VerificationFailed:

@@ -55,4 +55,6 @@ def skip_map(records, errors: dict[Folded, float] | None = None) -> dict[tuple[s
 
 
 def rollback_reason(error: float) -> str:
+    if error == float("inf"):
+        return "verification failed: the model with this fold did not run (rolled back)"
     return f"verification failed: max abs error {error:.3g} when folded (rolled back)"

@@ -402,9 +402,10 @@ def _run_ort(session, feeds: dict, which: str, provider: str) -> dict[str, np.nd
     try:
         outputs = session.run_with_ort_values(names, values)
     except Exception as err:  # noqa: BLE001 - shape errors and the like, raised at run time
-        raise VerificationFailed(
-            f"onnxruntime could not run the {which} model on {provider}: {_one_line(err)}; {_RUN_HINT}"
-        ) from None
+        message = f"onnxruntime could not run the {which} model on {provider}: {_one_line(err)}; {_RUN_HINT}"
+        if which == "reference":  # the input does not run on these inputs: not a failed fold
+            raise UsageError(message) from None
+        raise VerificationFailed(message) from None
     return {name: _from_ortvalue(v) for name, v in zip(names, outputs)}
 
 
@@ -508,9 +509,10 @@ def _run_reference(model, feeds: dict, which: str) -> dict[str, np.ndarray]:
         wanted = set(evaluator.input_names)
         outputs = evaluator.run(None, {k: v for k, v in feeds.items() if k in wanted})
     except Exception as err:  # noqa: BLE001 - the evaluator raises anything from anywhere
-        raise VerificationFailed(
-            f"neither onnxruntime nor onnx.reference can run the {which} model: {_one_line(err)}"
-        ) from None
+        message = f"neither onnxruntime nor onnx.reference can run the {which} model: {_one_line(err)}"
+        if which == "reference":  # the input itself does not run: bad input, not a failed fold
+            raise InvalidModel(f"{message} (bnfold fold --no-verify skips verification)") from None
+        raise VerificationFailed(message) from None
     return {name: np.asarray(v) for name, v in zip(evaluator.output_names, outputs)}
 
 

@@ -120,3 +120,25 @@ def test_rollback_cli_reports_kept_fold_and_strict_exits_1(tmp_path, rng, break_
     strict = runner.invoke(main, [str(src), "--strict"])
     assert strict.exit_code == 1, strict.output
     assert not (tmp_path / "m.folded.onnx").exists()
+
+
+def test_rollback_fold_that_breaks_the_model_is_undone(tmp_path, rng, monkeypatch):
+    """A fold whose output no engine can run (here: a weight of the wrong shape) is a failed
+    verification too: rolled back, reported, the rest folded."""
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_chain(rng, blocks=3, channels=4, batch=1, size=6), src)
+    real = WeightAndBiasRule.plan
+
+    def breaking_plan(self, bn, node, graph):
+        plan = real(self, bn, node, graph)
+        if bn.label == "bn2" and not isinstance(plan, bnfold.Kept):
+            n, position, weight = plan.new_inputs[0]
+            plan.new_inputs[0] = (n, position, weight[:, :2])  # 2 input channels instead of 4
+        return plan
+
+    monkeypatch.setattr(WeightAndBiasRule, "plan", breaking_plan)
+    result = bnfold.fold_file(src)
+    assert [(k.bn, k.reason) for k in result.report.kept] == [
+        ("bn2", "verification failed: the model with this fold did not run (rolled back)")
+    ]
+    assert_same_outputs(onnx.load(src), onnx.load(result.path), rng)

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.errors import UsageError, VerificationFailed
+from bnfold.errors import InvalidModel, UsageError, VerificationFailed
 from bnfold.verify import available_providers, default_tolerance, generate_inputs, verify
 
 # bnfold/__init__.py re-exports the function `verify`, which shadows the module's name.
@@ -303,7 +303,7 @@ def test_verify_run_time_error_suggests_dim():
         [vi("x", TensorProto.FLOAT, ["N", 3])], [vi("y", TensorProto.FLOAT, [None, 5])],
         [numpy_helper.from_array(np.array([-1, 5], np.int64), "shape")],
     )
-    with pytest.raises(VerificationFailed, match="--dim") as err:
+    with pytest.raises(UsageError, match="--dim") as err:  # the reference does not run: usage (exit 2)
         verify(m, m, providers=["CPUExecutionProvider"])
     assert "\n" not in str(err.value)
     assert verify(m, m, dims={"N": 5}, providers=["CPUExecutionProvider"]).passed
@@ -334,13 +334,23 @@ def test_verify_reference_fallback_bn_inference_stats_passes(rng, bn_opset):
     assert result.checks[0].rtol == 1e-9
 
 
-def test_verify_both_engines_refuse_is_verification_failed():
+def test_verify_both_engines_refuse_reference_is_invalid_model():
+    """The reference (a fold's input) runs nowhere: bad input (exit 2), not a failed fold."""
     m = unary_model("Relu")
     m.graph.node[0].domain = "com.example"
     m.opset_import.append(helper.make_opsetid("com.example", 1))
-    with pytest.raises(VerificationFailed, match="onnx.reference") as err:
+    with pytest.raises(InvalidModel, match="can run the reference model.*--no-verify") as err:
         verify(m, m)
     assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_verify_both_engines_refuse_candidate_is_verification_failed():
+    good = unary_model("Relu")
+    bad = unary_model("Relu")
+    bad.graph.node[0].domain = "com.example"
+    bad.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(VerificationFailed, match="can run the candidate model"):
+        verify(good, bad)
 
 
 def test_verify_unavailable_provider_is_usage_error():
