@@ -71,14 +71,14 @@ class BnIntoMatMulAdd(ForwardRule):
         if isinstance(found, Kept):
             return found
         matmul, bias_position = found
-        weight = match_matmul_weight(self, bn, matmul, graph)
+        weight = self.matmul_weight(bn, matmul, graph)
         if isinstance(weight, Kept):
             return weight
         bias = self.weight(bn, graph, add, bias_position, "bias")
         if isinstance(bias, Kept):
             return bias
-        if bias.ndim > 2:
-            return Kept(bn.label, f"Add bias has rank {bias.ndim}, expected at most 2", graph.path)
+        if bias.ndim > self.max_bias_rank:
+            return Kept(bn.label, f"Add bias has rank {bias.ndim}, expected at most {self.max_bias_rank}", graph.path)
         new_bias = algebra.fold_bias(bias, bn.scale, bn.shift, channel_axis=-1)
         return Plan(
             bn,
@@ -88,6 +88,12 @@ class BnIntoMatMulAdd(ForwardRule):
                 (add, bias_position, algebra.cast_like(new_bias, bias.dtype)),
             ],
         )
+
+    max_bias_rank = 2  # the product is [N, C]
+
+    def matmul_weight(self, bn: BatchNorm, matmul, graph):
+        """B [K, C], once the product is proven [N, C] (or Kept)."""
+        return match_matmul_weight(self, bn, matmul, graph)
 
     @staticmethod
     def _matmul_and_bias(bn: BatchNorm, add, graph):

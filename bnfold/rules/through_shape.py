@@ -188,6 +188,7 @@ class BnThroughShapeIntoMatMulAdd(ThroughShape, BnIntoMatMulAdd):
 
     name = "bn_through_shape_into_matmul_add"
     axis_name = "feature axis"
+    max_bias_rank = 99  # any rank: the feature axis is proven to be the product's last one
 
     def is_producer(self, node, graph) -> bool:
         if not super().is_producer(node, graph):
@@ -198,21 +199,5 @@ class BnThroughShapeIntoMatMulAdd(ThroughShape, BnIntoMatMulAdd):
     def start(self, bn, add, graph):
         return start_at(bn, graph, add, output_dims(add, graph), None)
 
-    def plan(self, bn: BatchNorm, add, graph) -> Plan | Kept:
-        found = self._matmul_and_bias(bn, add, graph)
-        if isinstance(found, Kept):
-            return found
-        matmul, position = found
-        weight = matmul_columns(self, bn, matmul, graph)
-        bias = weight if isinstance(weight, Kept) else self.weight(bn, graph, add, position, "bias")
-        if isinstance(bias, Kept):
-            return bias
-        new_bias = algebra.fold_bias(bias, bn.scale, bn.shift, channel_axis=-1)
-        return Plan(
-            bn,
-            into=matmul,
-            new_inputs=[
-                (matmul, 1, algebra.cast_like(algebra.scale_along_axis(weight, bn.scale, axis=1), weight.dtype)),
-                (add, position, algebra.cast_like(new_bias, bias.dtype)),
-            ],
-        )
+    def matmul_weight(self, bn: BatchNorm, matmul, graph):
+        return matmul_columns(self, bn, matmul, graph)
