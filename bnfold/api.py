@@ -356,11 +356,11 @@ def _verify_path(reference, candidate, settings: dict):
 
 
 def _failure(verification, why: str) -> VerificationFailed:
-    return VerificationFailed(
-        f"folded model differs from the original (max abs error {verification.max_abs_err():.3g}); "
-        f"{why}; nothing written",
-        verification,
-    )
+    if verification.checks:
+        what = f"folded model differs from the original (max abs error {verification.max_abs_err():.3g})"
+    else:  # no output was compared: the folded model did not run (see _verify_path)
+        what = verification.note
+    return VerificationFailed(f"{what}; {why}; nothing written", verification)
 
 
 def check(model: ModelLike, *, rules=None) -> FoldReport:

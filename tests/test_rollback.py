@@ -142,3 +142,21 @@ def test_rollback_fold_that_breaks_the_model_is_undone(tmp_path, rng, monkeypatc
         ("bn2", "verification failed: the model with this fold did not run (rolled back)")
     ]
     assert_same_outputs(onnx.load(src), onnx.load(result.path), rng)
+
+
+def test_rollback_strict_fold_that_breaks_the_model_says_it_did_not_run(tmp_path, rng, monkeypatch):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_chain(rng, blocks=2, channels=4, batch=1, size=6), src)
+    real = WeightAndBiasRule.plan
+
+    def breaking_plan(self, bn, node, graph):
+        plan = real(self, bn, node, graph)
+        n, position, weight = plan.new_inputs[0]
+        plan.new_inputs[0] = (n, position, weight[:, :2])
+        return plan
+
+    monkeypatch.setattr(WeightAndBiasRule, "plan", breaking_plan)
+    with pytest.raises(bnfold.VerificationFailed, match="run the candidate model.*--strict") as err:
+        bnfold.fold_file(src, strict=True)
+    assert "max abs error" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
