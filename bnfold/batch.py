@@ -15,7 +15,7 @@ import multiprocessing
 import pathlib
 from typing import Callable, Iterable
 
-from bnfold.errors import BnfoldError, UsageError, VerificationFailed, printable
+from bnfold.errors import BnfoldError, UsageError, printable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +64,8 @@ def fold_file_outcome(path: pathlib.Path, options: dict) -> FileOutcome:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = api.fold_file(path, **options)
-    except VerificationFailed as err:
-        return FileOutcome(str(path), 1, error=printable(err), verification=err.verification)
-    except BnfoldError as err:
-        return FileOutcome(str(path), err.exit_code, error=printable(err))
+    except BnfoldError as err:  # exit_code: 1 for VerificationFailed, which carries its Verification
+        return FileOutcome(str(path), err.exit_code, error=printable(err), verification=getattr(err, "verification", None))
     except MemoryError:
         return FileOutcome(str(path), 2, error="out of memory")
     except Exception as err:  # noqa: BLE001 - a bug of ours must not stop the other files
