@@ -153,14 +153,22 @@ def _session_options(severity: int = 4):
     return options
 
 
+# TF32 rounds float32 Conv/MatMul inputs to 10 mantissa bits on Ampere and later GPUs, and
+# onnxruntime's CUDA provider enables it by default: errors of ~1e-3 on both models would swamp
+# the fold's own rounding (~1e-7) and fail good folds. The proof runs in full float32.
+_FULL_FLOAT32 = {"use_tf32": "0"}
+
+
 @functools.lru_cache(maxsize=1)
-def _cuda_works() -> bool:
-    """onnxruntime-gpu lists CUDA even without a GPU or CUDA libraries, then silently uses CPU;
-    only a real session shows whether CUDA is there."""
+def _cuda_options() -> dict | None:
+    """The CUDA provider options verification runs with, or None when CUDA is not usable.
+    onnxruntime-gpu lists CUDA even without a GPU or CUDA libraries, then silently uses CPU;
+    only a real session shows whether CUDA is there. An onnxruntime too old to know use_tf32
+    gets plain CUDA."""
     import onnxruntime as ort
 
     if CUDA not in ort.get_available_providers():
-        return False
+        return None
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
@@ -168,11 +176,23 @@ def _cuda_works() -> bool:
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
     model.ir_version = 8
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), _session_options(4), providers=[CUDA])
-    except Exception:  # noqa: BLE001 - any failure means "no usable CUDA"
-        return False
-    return CUDA in session.get_providers()
+    for options in (_FULL_FLOAT32, {}):
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), _session_options(4), providers=[(CUDA, options)])
+        except Exception:  # noqa: BLE001 - any failure means "not with these options"
+            continue
+        if CUDA in session.get_providers():
+            return options
+    return None
+
+
+def _cuda_works() -> bool:
+    return _cuda_options() is not None
+
+
+def _with_options(provider: str):
+    """The provider as onnxruntime takes it, with the options that make the comparison exact."""
+    return (CUDA, _cuda_options() or {}) if provider == CUDA else provider
 
 
 def available_providers() -> list[str]:
@@ -365,7 +385,7 @@ def _ort_session(source, provider: str, which: str):
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(source, _session_options(), providers=[provider])
+        session = ort.InferenceSession(source, _session_options(), providers=[_with_options(provider)])
     except Exception as err:  # noqa: BLE001 - NOT_IMPLEMENTED, INVALID_GRAPH, FAIL, ...
         raise _Refused(f"onnxruntime refused the {which} model: {_one_line(err)}") from None
     if provider not in session.get_providers():
