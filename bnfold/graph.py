@@ -223,19 +223,21 @@ class GraphIndex:
         names.update(self.inputs, self.initializers, self.outputs)
         producer, consumers = self.producer, self.consumers
         for node in self.nodes:
-            outputs = list(node.output)
-            names.update(outputs)
-            for name in outputs:
+            for name in node.output:
                 producer[name] = node
-            reads = set(node.input)
+            for name in node.input:  # a node reading a name twice is listed once
+                users = consumers[name]
+                if not users or users[-1] is not node:
+                    users.append(node)
             if _has_subgraph(node):
                 self.holders.append(node)
-                for _, sub in _subgraphs(node):
-                    reads |= _outer_names_read(sub)
-            reads.discard("")
-            for name in reads:
-                consumers[name].append(node)
+                for name in set().union(*(_outer_names_read(sub) for _, sub in _subgraphs(node))):
+                    users = consumers[name]
+                    if not users or users[-1] is not node:
+                        users.append(node)
+        names.update(producer)
         producer.pop("", None)
+        consumers.pop("", None)
         names.discard("")
 
     # --- queries -------------------------------------------------------------------------------
@@ -278,6 +280,9 @@ class GraphIndex:
         known = self._constants.get(name)
         if known is not None:  # whatever is known was found within the full depth
             return known[0]
+        tensor = self.initializers.get(name)
+        if tensor is not None and name not in self._constants and not self.is_overridable(name):
+            return self._initializer_constant(name, tensor)  # the common case, without the walk
         found = self._constant(name, MAX_CONSTANT_DEPTH)
         return found[0] if isinstance(found, tuple) else None
 
@@ -304,6 +309,13 @@ class GraphIndex:
         else:
             self._constants[name] = found
         return found
+
+    def _initializer_constant(self, name: str, tensor: onnx.TensorProto) -> np.ndarray | None:
+        """An initializer's value, memoised when small (see MAX_MEMO_BYTES)."""
+        value = self.model.read_tensor(tensor)
+        if value is None or value.nbytes < MAX_MEMO_BYTES:
+            self._constants[name] = None if value is None else (value, 0)
+        return value
 
     def _lookup_constant(self, name: str, budget: int):
         if name in self.initializers:
@@ -537,20 +549,27 @@ def _drop(field, doomed: list) -> None:
     (clear + extend) would copy every message kept, weights included.
 
     Messages are matched by identity (== compares contents); `doomed` holds them, so the
-    wrappers the field hands out stay the same objects.
+    wrappers the field hands out stay the same objects. Every one of them must be in `field`.
     """
     ids = {id(item) for item in doomed}
-    count = sum(1 for item in field if id(item) in ids)
-    if count:
+    if ids:
         field.sort(key=lambda item: id(item) in ids)
-        del field[len(field) - count:]
+        del field[len(field) - len(ids):]
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):
     for attr in node.attribute:
         if attr.name == name:
+            kind = attr.type  # ints and floats directly: this runs for every BN's epsilon
+            if kind == _INT:
+                return attr.i
+            if kind == _FLOAT:
+                return attr.f
             return onnx.helper.get_attribute_value(attr)
     return default
+
+
+_INT, _FLOAT = onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT
 
 
 def reads_only_metadata(node: onnx.NodeProto, value: str) -> bool:

@@ -12,6 +12,7 @@ is not a graph output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import onnx
@@ -37,7 +38,9 @@ class BatchNorm:
     shift: np.ndarray  # float64 [C]
     what = "BN"  # how reasons name it (an affine chain reads the same rules)
 
-    @property
+    # Read once per match (a BatchNorm lives for one attempt, before any edit): each protobuf
+    # read costs a wrapper, and the rules ask for these many times.
+    @functools.cached_property
     def label(self) -> str:
         return node_label(self.node)
 
@@ -45,11 +48,11 @@ class BatchNorm:
     def channels(self) -> int:
         return self.scale.shape[0]
 
-    @property
+    @functools.cached_property
     def x(self) -> str:
         return self.node.input[0]
 
-    @property
+    @functools.cached_property
     def y(self) -> str:
         return self.node.output[0]
 
@@ -139,9 +142,16 @@ def finite_or_kept(bn: BatchNorm, graph: GraphIndex, plan: Plan) -> Plan | Kept:
     """Refuse a fold whose cast-back tensors overflowed (float16 weights times a large scale)."""
     arrays = [a for _, _, a in plan.new_inputs]
     arrays += [a for a in (plan.bn_becomes_add, plan.bias_after) if a is not None]
-    if all(np.all(np.isfinite(a.astype(np.float64))) for a in arrays):
+    if all(_all_finite(a) for a in arrays):
         return plan
     return Kept(bn.label, "folded weights overflow their dtype", graph.path)
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """isfinite on the array's own dtype (float16/32/64); others (bfloat16) through float64."""
+    if array.dtype not in FLOAT_TYPES:
+        array = array.astype(np.float64)
+    return bool(np.isfinite(array).all())
 
 
 def apply_plan(plan: Plan, graph: GraphIndex) -> None:
