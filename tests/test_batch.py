@@ -72,14 +72,14 @@ def test_batch_json_lists_every_model(folder):
 
 def test_batch_verification_failure_exit_1(folder, monkeypatch):
     (folder / "bad.onnx").unlink()
-    module = sys.modules["bnfold.verify"]  # the package attribute is the function
-    real = module.verify
+    reference = sys.modules["bnfold.verify"].Reference  # the package attribute is the function
+    real = reference.check
 
-    def failing(reference, candidate, **kwargs):
-        outcome = real(reference, candidate, **kwargs)
-        return outcome if "b.onnx" not in str(reference) else dataclasses.replace(outcome, passed=False)
+    def failing(self, candidate):
+        outcome = real(self, candidate)
+        return outcome if "b.onnx" not in str(self.model) else dataclasses.replace(outcome, passed=False)
 
-    monkeypatch.setattr(module, "verify", failing)
+    monkeypatch.setattr(reference, "check", failing)
     result = invoke([folder, "--strict"], 1)
     assert f"{folder / 'b.onnx'}: verification failed" in result.stderr
     assert (folder / "a.folded.onnx").exists() and not (folder / "b.folded.onnx").exists()
