@@ -327,7 +327,7 @@ def _stage_and_verify(result: FoldResult, loaded, target, verify: bool, settings
         verification = None
         if verify and result.modified:
             phase("verifying")
-            verification = _verify_path(loaded.path, staged.path, settings)
+            verification = _verify_path(loaded, staged.path, settings)
             if not verification.passed:
                 return verification
         path = staged.commit()
@@ -350,7 +350,7 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
         chosen = set(subset)
         skip = rollback.skip_map([*kept, *(f for f in folds if f not in chosen)])
         with io.stage_model(refold(skip).model, target, source=loaded) as staged:
-            outcome = _verify_path(loaded.path, staged.path, settings)
+            outcome = _verify_path(loaded, staged.path, settings)
         return outcome.passed, _error(outcome)
 
     failing = rollback.find_failing_folds(folds, trial, _error(verification))
@@ -362,14 +362,29 @@ def _error(verification) -> float:
     return verification.max_abs_err() if verification.checks else float("inf")
 
 
-def _verify_path(reference, candidate, settings: dict):
-    """The Verification; a candidate that no engine runs is a failed one (to be rolled back)."""
-    from bnfold.verify import Verification, verify as run_verify
+def _verify_path(loaded, candidate, settings: dict):
+    """The Verification of `candidate` against `loaded`'s file; a candidate that no engine runs
+    is a failed one (to be rolled back)."""
+    from bnfold.verify import Verification
 
     try:
-        return run_verify(reference, candidate, **settings)
+        return _reference(loaded, settings).check(candidate)
     except VerificationFailed as err:
         return Verification(False, "onnxruntime", (), (), 0.0, note=str(err))
+
+
+_REFERENCE = "prepared reference"  # the key of _reference's cache in fold_file's verify settings
+
+
+def _reference(loaded, settings: dict):
+    """The original's side of verification (inputs, outputs per provider), prepared on first use
+    and kept in `settings`, the dict fold_file makes for its verifications: the rollback trials
+    and the check after them then run only their candidate."""
+    from bnfold.verify import Reference
+
+    if _REFERENCE not in settings:
+        settings[_REFERENCE] = Reference(loaded.path, **settings)
+    return settings[_REFERENCE]
 
 
 def _failure(verification, why: str) -> VerificationFailed:

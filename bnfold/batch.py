@@ -15,7 +15,7 @@ import multiprocessing
 import pathlib
 from typing import Callable, Iterable
 
-from bnfold.errors import BnfoldError, UsageError, printable
+from bnfold.errors import BnfoldError, UsageError, VerificationFailed, exit_code_of, printable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +64,19 @@ def fold_file_outcome(path: pathlib.Path, options: dict) -> FileOutcome:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = api.fold_file(path, **options)
-    except BnfoldError as err:  # exit_code: 1 for VerificationFailed, which carries its Verification
-        return FileOutcome(str(path), err.exit_code, error=printable(err), verification=getattr(err, "verification", None))
-    except MemoryError:
-        return FileOutcome(str(path), 2, error="out of memory")
-    except Exception as err:  # noqa: BLE001 - a bug of ours must not stop the other files
-        return FileOutcome(str(path), 2, error=f"internal error: {type(err).__name__}: {printable(err)}")
+    except Exception as err:  # noqa: BLE001 - a bad file, or a bug of ours, must not stop the others
+        verification = err.verification if isinstance(err, VerificationFailed) else None
+        return FileOutcome(str(path), exit_code_of(err), error=_describe(err), verification=verification)
     return FileOutcome(str(path), 0, result=dataclasses.replace(result, model=None))
+
+
+def _describe(err: Exception) -> str:
+    """The one-line error of a file (the CLI says the same of one model alone)."""
+    if isinstance(err, BnfoldError):
+        return printable(err)
+    if isinstance(err, MemoryError):
+        return "out of memory"
+    return f"internal error: {type(err).__name__}: {printable(err)}"
 
 
 def fold_files(
@@ -96,7 +102,7 @@ def fold_files(
             try:
                 outcome = future.result()
             except Exception as err:  # noqa: BLE001 - the worker died (killed, out of memory)
-                outcome = FileOutcome(str(path), 2, error=f"worker process failed: {type(err).__name__}")
+                outcome = FileOutcome(str(path), exit_code_of(err), error=f"worker process failed: {type(err).__name__}")
             by_path[str(path)] = outcome
             done(outcome, len(by_path))
     return [by_path[str(p)] for p in paths]

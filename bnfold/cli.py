@@ -13,14 +13,15 @@ import warnings
 import click
 
 from bnfold import api, batch
-from bnfold.errors import BnfoldError, UsageError, VerificationFailed, printable
+from bnfold.errors import BnfoldError, UsageError, VerificationFailed, exit_code_of, printable
 from bnfold.progress import Progress
 
 EXIT_CODES = """\b
 Exit codes:
-  0  success (folded and verified; check: nothing left to fold; verify: outputs match)
-  1  a check or verification failed
-  2  bad input or usage (missing file, not ONNX, broken external data, bad option)"""
+  0    success (folded and verified; check: nothing left to fold; verify: outputs match)
+  1    a check or verification failed
+  2    bad input or usage (missing file, not ONNX, broken external data, bad option)
+  130  interrupted"""
 
 
 class DefaultCommandGroup(click.Group):
@@ -80,21 +81,21 @@ def _run_reporting_errors(action):
         if err.verification is not None:
             click.echo(render_verification(err.verification), err=True)
         click.echo(f"bnfold: verification failed: {printable(err)}", err=True)
-        sys.exit(1)
+        sys.exit(exit_code_of(err))
     except BnfoldError as err:
         click.echo(f"bnfold: error: {printable(err)}", err=True)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
+        sys.exit(exit_code_of(err))
+    except KeyboardInterrupt as err:
         click.echo("bnfold: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(exit_code_of(err))
     except MemoryError as err:  # a shape or size in the model asks for more than the machine has
         click.echo(f"bnfold: error: out of memory{': ' + printable(err) if str(err) else ''}", err=True)
-        sys.exit(2)
+        sys.exit(exit_code_of(err))
     except Exception as err:  # a bug of ours: still one line, unless the user asks for the trace
         if os.environ.get("BNFOLD_DEBUG"):
             raise
         click.echo(f"bnfold: internal error: {type(err).__name__}: {printable(err)} (set BNFOLD_DEBUG=1 for the traceback)", err=True)
-        sys.exit(2)
+        sys.exit(exit_code_of(err))
 
 
 @click.group(cls=DefaultCommandGroup, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})

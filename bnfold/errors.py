@@ -1,4 +1,5 @@
-"""Errors a user can cause. Each carries a one-line message; the CLI prints it and exits 2."""
+"""Errors a user can cause. Each carries a one-line message; the CLI prints it and exits with
+its code (`exit_code_of`)."""
 
 import re
 
@@ -43,3 +44,14 @@ class VerificationFailed(BnfoldError):
 
 class WriteFailed(BnfoldError):
     """The output could not be written (unwritable folder, disk full, ...); nothing was left behind."""
+
+
+def exit_code_of(err: BaseException) -> int:
+    """The CLI's exit code for `err`, the same for one model alone and for one file of a batch:
+    a BnfoldError's own (1 verification failed, 2 bad input), 130 when interrupted, and 2 for
+    anything else (out of memory: a size in the model asks too much; or a bug of ours)."""
+    if isinstance(err, BnfoldError):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return 130
+    return 2

@@ -422,23 +422,11 @@ def _run_ort(session, feeds: dict, which: str, provider: str) -> dict[str, np.nd
     try:
         outputs = session.run_with_ort_values(names, values)
     except Exception as err:  # noqa: BLE001 - shape errors and the like, raised at run time
-        message = f"onnxruntime could not run the {which} model on {provider}: {_one_line(err)}; {_RUN_HINT}"
+        message = f"onnxruntime could not run the {which} model on {provider}: {_one_line(err)}"
         if which == "reference":  # the input does not run on these inputs: not a failed fold
-            raise UsageError(message) from None
-        raise VerificationFailed(message) from None
+            raise UsageError(f"{message}; {_RUN_HINT}") from None
+        raise VerificationFailed(message) from None  # the inputs ran on the reference: no hint
     return {name: _from_ortvalue(v) for name, v in zip(names, outputs)}
-
-
-def _verify_ort(sources, feeds, providers) -> dict[str, tuple[dict, dict]]:
-    """Build every session first (a refusal sends both models to onnx.reference), then run."""
-    sessions = {
-        p: tuple(_ort_session(src, p, which) for src, which in zip(sources, ("reference", "candidate")))
-        for p in providers
-    }
-    return {
-        p: (_run_ort(ref, feeds, "reference", p), _run_ort(cand, feeds, "candidate", p))
-        for p, (ref, cand) in sessions.items()
-    }
 
 
 def run_model(model, feeds: dict, providers=None, which: str = "model") -> tuple[str, dict, str]:
@@ -598,24 +586,106 @@ def _compare(provider, ref_out: dict, cand_out: dict, rtol, atol) -> list[Output
 # ---------------------------------------------------------------- entry point
 
 
-def _feeds(ref_graph, cand_graph, inputs, dims, seed) -> tuple[dict, str]:
-    """Inputs from the reference; a candidate that needs an input the reference lacks cannot run."""
-    feeds = generate_inputs(ref_graph, dims, seed) if inputs is None else _given_inputs(ref_graph, inputs)
-    extra = [v.name for v in _free_inputs(cand_graph) if v.name not in feeds]
-    note = f"the candidate has inputs the reference lacks: {', '.join(extra)}" if extra else ""
-    return feeds, note
+class Reference:
+    """The reference side of verification, prepared once for any number of candidates (the
+    rollback trials of one fold): its inputs are generated once, and it is run once per
+    provider, its session built once; `check` then builds and runs only the candidate.
 
+    Its graph is read at once, the rest done on the first `check`, in the order `verify` has
+    always used, so ``verify(ref, cand, **settings)`` is ``Reference(ref, **settings).check(cand)``.
+    `close()` (or ``with``) removes the temporary copy a model of 2 GiB or more needs.
+    """
 
-def _run_engines(reference, candidate, feeds, providers) -> tuple[str, dict, str]:
-    """(engine, {provider: (ref_out, cand_out)}, note): onnxruntime, else onnx.reference."""
-    with contextlib.ExitStack() as stack:
-        sources = (_ort_source(reference, stack), _ort_source(candidate, stack))
+    def __init__(self, model, *, inputs=None, dims=None, providers=None, rtol=None, atol=None, seed=0):
+        self.model = model
+        self.graph = _graph_model(model)
+        self._settings = {"inputs": inputs, "dims": dims, "seed": seed, "providers": providers}
+        self.rtol, self.atol = rtol, atol
+        self._stack = contextlib.ExitStack()
+        self._source = None  # what onnxruntime builds the reference's sessions from
+        self._sessions: dict = {}  # provider -> session whose outputs are not known yet
+        self._outputs: dict = {}  # provider (or REFERENCE) -> the reference's outputs
+        self._refusal: _Refused | None = None  # onnxruntime cannot build the reference's session
+
+    def __enter__(self) -> "Reference":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sessions.clear()
+        self._source = None
+        self._stack.close()
+
+    @functools.cached_property
+    def feeds(self) -> dict[str, np.ndarray]:
+        inputs, dims, seed = self._settings["inputs"], self._settings["dims"], self._settings["seed"]
+        return generate_inputs(self.graph, dims, seed) if inputs is None else _given_inputs(self.graph, inputs)
+
+    @functools.cached_property
+    def providers(self) -> list[str]:
+        return _check_providers(self._settings["providers"])
+
+    def check(self, candidate) -> Verification:
+        """Run `candidate` on the reference's inputs and compare every output on every provider.
+
+        A mismatch is a failed Verification, not an exception; VerificationFailed means no
+        engine could run the candidate. Bad inputs, dims or providers raise UsageError."""
+        cand_graph = _graph_model(candidate)
+        feeds, providers = self.feeds, self.providers
+        extra = [v.name for v in _free_inputs(cand_graph) if v.name not in feeds]
+        if extra:  # a candidate that needs an input the reference lacks cannot run
+            note = f"the candidate has inputs the reference lacks: {', '.join(extra)}"
+            return Verification(False, "onnxruntime", tuple(providers), (), 0.0, note)
+        start = time.perf_counter()  # counts the reference's share too when it runs now
+        engine, outputs, note = self._run(candidate)
+        seconds = time.perf_counter() - start
+        checks = tuple(c for p, (ref, cand) in outputs.items() for c in _compare(p, ref, cand, self.rtol, self.atol))
+        return Verification(all(c.passed for c in checks), engine, tuple(outputs), checks, seconds, note)
+
+    def _run(self, candidate) -> tuple[str, dict, str]:
+        """(engine, {provider: (ref_out, cand_out)}, note): onnxruntime, else onnx.reference."""
+        with contextlib.ExitStack() as stack:
+            try:
+                return "onnxruntime", self._run_ort(_ort_source(candidate, stack)), ""
+            except _Refused as refusal:
+                note = f"{refusal}; verified with onnx.reference"
+        if REFERENCE not in self._outputs:
+            self._outputs[REFERENCE] = _run_reference(self.model, self.feeds, "reference")
+        outputs = (self._outputs[REFERENCE], _run_reference(candidate, self.feeds, "candidate"))
+        return REFERENCE, {REFERENCE: outputs}, note
+
+    def _run_ort(self, source) -> dict[str, tuple[dict, dict]]:
+        """Build every session first (a refusal sends both models to onnx.reference), then run."""
+        candidates = {p: (self._prepare(p), _ort_session(source, p, "candidate")) for p in self.providers}
+        return {
+            p: (self._ort_outputs(p), _run_ort(session, self.feeds, "candidate", p))
+            for p, (_, session) in candidates.items()
+        }
+
+    def _prepare(self, provider: str) -> None:
+        """Make sure the reference's outputs on `provider` can be had: its session, built once."""
+        if self._refusal is not None:
+            raise self._refusal
+        if provider in self._outputs or provider in self._sessions:
+            return
+        if self._source is None:
+            self._source = _ort_source(self.model, self._stack)
         try:
-            return "onnxruntime", _verify_ort(sources, feeds, providers), ""
+            self._sessions[provider] = _ort_session(self._source, provider, "reference")
         except _Refused as refusal:
-            note = f"{refusal}; verified with onnx.reference"
-    outputs = (_run_reference(reference, feeds, "reference"), _run_reference(candidate, feeds, "candidate"))
-    return REFERENCE, {REFERENCE: outputs}, note
+            self._refusal = refusal
+            raise
+
+    def _ort_outputs(self, provider: str) -> dict[str, np.ndarray]:
+        """The reference's outputs on `provider`, run once; its session is not needed after."""
+        if provider not in self._outputs:
+            self._outputs[provider] = _run_ort(self._sessions[provider], self.feeds, "reference", provider)
+            del self._sessions[provider]
+            if not self._sessions:  # run on every provider: a serialised model is not needed again
+                self._source = None
+        return self._outputs[provider]
 
 
 def verify(reference, candidate, *, inputs=None, dims=None, providers=None,
@@ -623,14 +693,8 @@ def verify(reference, candidate, *, inputs=None, dims=None, providers=None,
     """Run both models on the same inputs and compare every output on every provider.
 
     A mismatch is a failed Verification, not an exception; VerificationFailed means neither
-    engine could run a model. Bad inputs, dims or providers raise UsageError."""
-    ref_graph, cand_graph = _graph_model(reference), _graph_model(candidate)
-    feeds, note = _feeds(ref_graph, cand_graph, inputs, dims, seed)
-    providers = _check_providers(providers)
-    if note:
-        return Verification(False, "onnxruntime", tuple(providers), (), 0.0, note)
-    start = time.perf_counter()
-    engine, outputs, note = _run_engines(reference, candidate, feeds, providers)
-    seconds = time.perf_counter() - start
-    checks = tuple(c for p, (ref, cand) in outputs.items() for c in _compare(p, ref, cand, rtol, atol))
-    return Verification(all(c.passed for c in checks), engine, tuple(outputs), checks, seconds, note)
+    engine could run a model. Bad inputs, dims or providers raise UsageError. Checking several
+    candidates against one reference: `Reference`."""
+    settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol, seed=seed)
+    with Reference(reference, **settings) as prepared:
+        return prepared.check(candidate)

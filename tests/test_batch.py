@@ -72,17 +72,63 @@ def test_batch_json_lists_every_model(folder):
 
 def test_batch_verification_failure_exit_1(folder, monkeypatch):
     (folder / "bad.onnx").unlink()
-    module = sys.modules["bnfold.verify"]  # the package attribute is the function
-    real = module.verify
+    reference = sys.modules["bnfold.verify"].Reference  # the package attribute is the function
+    real = reference.check
 
-    def failing(reference, candidate, **kwargs):
-        outcome = real(reference, candidate, **kwargs)
-        return outcome if "b.onnx" not in str(reference) else dataclasses.replace(outcome, passed=False)
+    def failing(self, candidate):
+        outcome = real(self, candidate)
+        return outcome if "b.onnx" not in str(self.model) else dataclasses.replace(outcome, passed=False)
 
-    monkeypatch.setattr(module, "verify", failing)
+    monkeypatch.setattr(reference, "check", failing)
     result = invoke([folder, "--strict"], 1)
     assert f"{folder / 'b.onnx'}: verification failed" in result.stderr
     assert (folder / "a.folded.onnx").exists() and not (folder / "b.folded.onnx").exists()
+
+
+def break_fold_file(kind, path, monkeypatch):
+    """Make folding `path` fail with one kind of error; the extra CLI arguments it needs."""
+    from bnfold import api
+
+    if kind == "invalid model":
+        path.write_bytes(b"not a model")
+    elif kind == "verification failed":
+        reference = sys.modules["bnfold.verify"].Reference
+        real = reference.check
+        monkeypatch.setattr(reference, "check", lambda self, c: dataclasses.replace(real(self, c), passed=False))
+        return ["--strict"]
+    elif kind in ("internal error", "out of memory"):
+        error = RuntimeError("a bug") if kind == "internal error" else MemoryError()
+
+        def fold_model(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(api, "fold_model", fold_model)
+    return ["--dim", "nope=3"] if kind == "usage error" else []
+
+
+@pytest.mark.parametrize(
+    "kind, code, message",
+    [
+        ("invalid model", 2, "error: cannot load"),
+        ("usage error", 2, "error: --dim nope: the model has no symbolic dimension"),
+        ("verification failed", 1, "verification failed: folded model differs"),
+        ("internal error", 2, "internal error: RuntimeError: a bug"),
+        ("out of memory", 2, "error: out of memory"),
+    ],
+)
+def test_batch_error_kind_exit_code_same_as_single_file(tmp_path, rng, monkeypatch, kind, code, message):
+    """A file's exit code in a batch is the one `bnfold FILE` alone exits with (errors.exit_code_of)."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    path = folder / "m.onnx"
+    onnx.save(conv_bn(rng), path)
+    args = break_fold_file(kind, path, monkeypatch)
+    single = invoke([path, *args], code)
+    assert f"bnfold: {message}" in single.stderr
+    batch = invoke([folder, "--json", *args], code)
+    assert f"bnfold: {path}: " in batch.stderr and message in batch.stderr
+    assert [(d["input"], d["exit_code"]) for d in json.loads(batch.stdout)] == [(str(path), code)]
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx"]
 
 
 def test_batch_output_option_needs_one_model(folder):

@@ -153,6 +153,31 @@ def test_cli_bad_options_exit_2(model_path, args):
     assert "bnfold: error:" in result.stderr
 
 
+def test_cli_interrupted_exit_130_one_line(model_path, monkeypatch):
+    from bnfold import api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "fold_model", interrupted)
+    assert invoke([model_path], 130).stderr == "bnfold: interrupted\n"
+
+
+def test_cli_internal_error_exit_2_traceback_only_with_debug(model_path, monkeypatch):
+    from bnfold import api
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(api, "fold_model", bug)
+    monkeypatch.delenv("BNFOLD_DEBUG", raising=False)
+    line = invoke([model_path], 2).stderr
+    assert line == "bnfold: internal error: ZeroDivisionError: a bug (set BNFOLD_DEBUG=1 for the traceback)\n"
+    monkeypatch.setenv("BNFOLD_DEBUG", "1")
+    result = CliRunner().invoke(main, [str(model_path)])
+    assert isinstance(result.exception, ZeroDivisionError), "re-raised for the traceback"
+
+
 def test_cli_help_lists_exit_codes():
     result = invoke(["--help"], 0)
     assert "Exit codes" in result.stdout

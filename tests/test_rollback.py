@@ -13,7 +13,9 @@ from bnfold.cli import main
 from bnfold.report import Folded
 from bnfold.rollback import find_failing_folds
 from bnfold.rules.base import WeightAndBiasRule
+from bnfold.verify import Reference, available_providers
 from conftest import assert_same_outputs, conv_bn_relu_chain, count_bn
+from test_verify import count_reference_work
 
 
 def conv_chain(rng, blocks: int, channels: int = 4):
@@ -160,3 +162,44 @@ def test_rollback_strict_fold_that_breaks_the_model_says_it_did_not_run(tmp_path
         bnfold.fold_file(src, strict=True)
     assert "max abs error" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def break_plan(monkeypatch, label, how):
+    """Make the Conv-family rule fold `label` wrongly: a bias off by 0.5 ("wrong") or a weight
+    that no engine accepts ("not running": onnxruntime refuses the candidate's session)."""
+    real = WeightAndBiasRule.plan
+
+    def broken(self, bn, node, graph):
+        plan = real(self, bn, node, graph)
+        if bn.label == label and not isinstance(plan, bnfold.Kept):
+            slot = 1 if how == "wrong" else 0
+            n, position, value = plan.new_inputs[slot]
+            plan.new_inputs[slot] = (n, position, (value + 0.5).astype(value.dtype) if how == "wrong" else value[:, :2])
+        return plan
+
+    monkeypatch.setattr(WeightAndBiasRule, "plan", broken)
+
+
+@pytest.mark.parametrize("how", ["wrong", "not running"])
+def test_rollback_trials_original_run_once_per_provider(tmp_path, rng, monkeypatch, how):
+    """Each trial builds and runs only its candidate: over the whole fold (first check, the
+    trials, the check after rolling back) the original's session is built and run once per
+    provider, and its inputs are generated once."""
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_chain(rng, blocks=6), src)
+    break_plan(monkeypatch, "bn4", how)
+    counts = count_reference_work(monkeypatch, str(src.resolve()))
+    checked = []
+    real_check = Reference.check
+
+    def check(self, candidate):
+        checked.append(candidate)
+        return real_check(self, candidate)
+
+    monkeypatch.setattr(Reference, "check", check)
+    result = bnfold.fold_file(src)
+    assert [k.bn for k in result.report.kept] == ["bn4"] and result.verification.passed
+    assert len(checked) >= 5, "the first check, at least three bisection trials, the final check"
+    providers = len(available_providers())
+    assert counts == {"sessions": providers, "runs": providers, "inputs": 1}
+    assert_same_outputs(onnx.load(src), onnx.load(result.path), rng)

@@ -309,6 +309,85 @@ def test_verify_run_time_error_suggests_dim():
     assert verify(m, m, dims={"N": 5}, providers=["CPUExecutionProvider"]).passed
 
 
+def test_verify_candidate_run_time_error_has_no_dim_hint():
+    """The inputs ran on the reference, so a candidate that cannot run on them is a failed fold
+    (exit 1), and --dim/--inputs would not help: no hint."""
+    shape_of = lambda *dims: numpy_helper.from_array(np.array(dims, np.int64), "shape")  # noqa: E731
+    io = [vi("x", TensorProto.FLOAT, ["N", 3])], [vi("y", TensorProto.FLOAT, [None, None])]
+    reference = model([helper.make_node("Reshape", ["x", "shape"], ["y"])], *io, [shape_of(-1, 3)])
+    candidate = model([helper.make_node("Reshape", ["x", "shape"], ["y"])], *io, [shape_of(-1, 5)])
+    with pytest.raises(VerificationFailed, match="could not run the candidate model") as err:
+        verify(reference, candidate, providers=["CPUExecutionProvider"])
+    assert "--dim" not in str(err.value) and "--inputs" not in str(err.value)
+    with pytest.raises(UsageError, match="could not run the reference model.*--dim NAME=SIZE or --inputs"):
+        verify(candidate, reference, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------- one reference, many candidates
+
+
+def count_reference_work(monkeypatch, reference_source):
+    """Count the sessions built from `reference_source`, their runs, and input generations."""
+    counts = {"sessions": 0, "runs": 0, "inputs": 0}
+    real_session, real_inputs = ort.InferenceSession, verify_module.generate_inputs
+
+    def counted(key, function):
+        def call(*args, **kwargs):
+            counts[key] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    def session(source, *args, **kwargs):
+        built = real_session(source, *args, **kwargs)
+        if source == reference_source:
+            counts["sessions"] += 1
+            built.run_with_ort_values = counted("runs", built.run_with_ort_values)
+        return built
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(verify_module, "generate_inputs", counted("inputs", real_inputs))
+    return counts
+
+
+def test_reference_several_candidates_reference_runs_once_same_results(rng, monkeypatch):
+    reference, good = conv_bn(rng)
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(good)
+    bias = wrong.graph.initializer[1]
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.01), bias.name))
+    candidates = [good, wrong, good, wrong]
+    expected = [verify(reference, c) for c in candidates]
+    counts = count_reference_work(monkeypatch, reference.SerializeToString())
+    with verify_module.Reference(reference) as prepared:
+        results = [prepared.check(c) for c in candidates]
+    assert [r.passed for r in results] == [True, False, True, False]
+    for got, want in zip(results, expected):
+        assert (got.engine, got.providers, got.note) == (want.engine, want.providers, want.note)
+        assert got.checks == want.checks
+    providers = len(available_providers())
+    assert counts == {"sessions": providers, "runs": providers, "inputs": 1}
+
+
+def test_reference_fallback_engine_reference_evaluated_once(rng, monkeypatch):
+    """onnxruntime refuses the reference (BatchNormalization opset 6): both go to onnx.reference,
+    and the reference is evaluated there once, not once per candidate."""
+    reference, candidate = conv_bn(rng, bn_opset=6, is_test=1)
+    runs = []
+    real = verify_module._run_reference
+
+    def run_reference(m, feeds, which):
+        runs.append(which)
+        return real(m, feeds, which)
+
+    monkeypatch.setattr(verify_module, "_run_reference", run_reference)
+    with verify_module.Reference(reference) as prepared:
+        results = [prepared.check(candidate) for _ in range(3)]
+    assert all(r.passed and r.engine == "onnx.reference" for r in results), [r.to_dict() for r in results]
+    assert runs == ["reference", "candidate", "candidate", "candidate"]
+    assert results[1].checks == verify(reference, candidate).checks
+
+
 # ---------------------------------------------------------------- engines and providers
 
 
