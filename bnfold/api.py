@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import os
 import pathlib
@@ -304,37 +305,38 @@ def fold_file(
     phase("folding")
     result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone, spill=loaded.spill)
     settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol)
-    verification = _stage_and_verify(result, loaded, target, verify, settings, phase)
+    reference = _prepared_once(loaded.path, settings) if verify else None
+    verification = _stage_and_verify(result, loaded, target, reference, phase)
     if isinstance(verification, FoldResult):
         return verification
     if strict:
         raise _failure(verification, "--strict: nothing rolled back")
     phase("verification failed: finding the folds responsible")
-    result = _roll_back(result, loaded, target, dict(rules=rules, standalone=standalone), verification, settings)
-    final = _stage_and_verify(result, loaded, target, verify, settings, phase)
+    result = _roll_back(result, loaded, target, dict(rules=rules, standalone=standalone), verification, reference)
+    final = _stage_and_verify(result, loaded, target, reference, phase)
     if isinstance(final, FoldResult):
         return final
     raise _failure(final, "even after rolling back the folds that failed alone")
 
 
-def _stage_and_verify(result: FoldResult, loaded, target, verify: bool, settings: dict, phase):
-    """The committed FoldResult when the staged output verifies (or verify is off), else the
-    failed Verification (nothing written)."""
+def _stage_and_verify(result: FoldResult, loaded, target, reference, phase):
+    """The committed FoldResult when the staged output verifies against `reference` (see
+    _prepared_once; None: verification off), else the failed Verification (nothing written)."""
     from bnfold import io
 
     phase("writing")
     with io.stage_model(result.model, target, source=loaded) as staged:
         verification = None
-        if verify and result.modified:
+        if reference is not None and result.modified:
             phase("verifying")
-            verification = _verify_path(loaded, staged.path, settings)
+            verification = _verify_path(reference, staged.path)
             if not verification.passed:
                 return verification
         path = staged.commit()
     return dataclasses.replace(result, verification=verification, path=path)
 
 
-def _roll_back(result: FoldResult, loaded, target, options: dict, verification, settings) -> FoldResult:
+def _roll_back(result: FoldResult, loaded, target, options: dict, verification, reference) -> FoldResult:
     """Refold `loaded`'s file keeping the BN (and affine chains) whose folds fail verification
     (bisection); `options` are fold_model's rules and standalone."""
     from bnfold import io, rollback
@@ -350,7 +352,7 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
         chosen = set(subset)
         skip = rollback.skip_map([*kept, *(f for f in folds if f not in chosen)])
         with io.stage_model(refold(skip).model, target, source=loaded) as staged:
-            outcome = _verify_path(loaded, staged.path, settings)
+            outcome = _verify_path(reference, staged.path)
         return outcome.passed, _error(outcome)
 
     failing = rollback.find_failing_folds(folds, trial, _error(verification))
@@ -362,29 +364,24 @@ def _error(verification) -> float:
     return verification.max_abs_err() if verification.checks else float("inf")
 
 
-def _verify_path(loaded, candidate, settings: dict):
-    """The Verification of `candidate` against `loaded`'s file; a candidate that no engine runs
+def _verify_path(reference, candidate):
+    """The Verification of `candidate` against the original; a candidate that no engine runs
     is a failed one (to be rolled back)."""
     from bnfold.verify import Verification
 
     try:
-        return _reference(loaded, settings).check(candidate)
+        return reference().check(candidate)
     except VerificationFailed as err:
         return Verification(False, "onnxruntime", (), (), 0.0, note=str(err))
 
 
-_REFERENCE = "prepared reference"  # the key of _reference's cache in fold_file's verify settings
-
-
-def _reference(loaded, settings: dict):
-    """The original's side of verification (inputs, outputs per provider), prepared on first use
-    and kept in `settings`, the dict fold_file makes for its verifications: the rollback trials
-    and the check after them then run only their candidate."""
+def _prepared_once(path, settings: dict):
+    """A callable giving the original's side of verification (inputs, outputs per provider),
+    prepared on its first call and reused: the rollback trials and the check after them then
+    run only their candidate."""
     from bnfold.verify import Reference
 
-    if _REFERENCE not in settings:
-        settings[_REFERENCE] = Reference(loaded.path, **settings)
-    return settings[_REFERENCE]
+    return functools.cache(lambda: Reference(path, **settings))
 
 
 def _failure(verification, why: str) -> VerificationFailed:
