@@ -32,6 +32,7 @@ is cast back to the input dtype, as torch's CPU kernel does.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Literal
 
@@ -259,9 +260,12 @@ class BatchNormBase(torch.nn.Module):
                 torch.nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
+        # As the installed torch prints it: `bias=` only where torch's BatchNorm has that
+        # argument, or where this module has no bias (which such a torch cannot express).
+        show_bias = _accepts_bias(torch.nn.BatchNorm2d) or (self.affine and self.bias is None)
         text = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"affine={self.affine}, {f'bias={self.bias is not None}, ' if show_bias else ''}"
             f"track_running_stats={self.track_running_stats}"
         )
         return text if self.impl == "explicit" else f"{text}, impl={self.impl!r}"
@@ -363,13 +367,25 @@ _TO_BNFOLD: dict[type, type] = {
 _TO_TORCH: dict[type, type] = {v: k for k, v in _TO_BNFOLD.items()}
 
 
+def _accepts_bias(module_type: type) -> bool:
+    """Whether `module_type(..., bias=...)` exists: torch's BatchNorm gained the argument late
+    (torch 2.11 has none), bnfold's always has it."""
+    return "bias" in inspect.signature(module_type.__init__).parameters
+
+
 def _convert(old: torch.nn.Module, new_type: type, **extra) -> torch.nn.Module:
     """A module of new_type sharing old's Parameter and buffer objects (so an optimizer holding
     them keeps working), hyper-parameters and training flag."""
+    if _accepts_bias(new_type):
+        extra["bias"] = old.bias is not None
+    elif old.affine and old.bias is None:
+        raise ValueError(
+            f"cannot convert a bias-less affine {type(old).__name__} to {new_type.__module__}.{new_type.__name__}: "
+            f"this torch ({torch.__version__}) has no BatchNorm bias argument"
+        )
     new = new_type(
         old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
-        track_running_stats=old.track_running_stats, device="meta",
-        bias=old.bias is not None, **extra,
+        track_running_stats=old.track_running_stats, device="meta", **extra,
     )
     for name, value in old.named_parameters(recurse=False):
         setattr(new, name, value)

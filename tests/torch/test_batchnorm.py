@@ -272,6 +272,8 @@ def test_batchnorm_empty_batch_matches_torch():
                                     {"bias": False}, {"momentum": None, "eps": 1e-3}],
                          ids=["default", "noaffine", "notrack", "nobias", "cma-eps"])
 def test_batchnorm_attributes_and_repr_match_torch(kwargs):
+    if "bias" in kwargs and not bnf._accepts_bias(nn.BatchNorm2d):
+        pytest.skip(f"torch {torch.__version__}'s BatchNorm has no bias argument")
     ours, ref = make_pair(4, **kwargs)
     assert isinstance(ours, BatchNormBase) and isinstance(ours, nn.Module)
     assert repr(ours) == repr(ref)
@@ -432,3 +434,36 @@ def test_batchnorm_eval_onnx_export_is_one_batchnormalization(rank, dynamo, tmp_
 def test_batchnorm_module_has_no_stray_public_names():
     assert set(bnf.__all__) >= {"BatchNormBase", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
                                 "swap_in", "swap_out"}
+
+
+class OldTorchBatchNorm2d(nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d as torch versions before the `bias` argument construct it."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+
+def test_swap_out_to_torch_without_bias_argument_same_outputs(monkeypatch):
+    monkeypatch.setitem(bnf._TO_TORCH, BatchNorm2d, OldTorchBatchNorm2d)
+    ours, _ = make_pair(4)
+    ours(batch(SHAPES["NCHW"], torch.float32, torch.Generator().manual_seed(7)))
+    ours.eval()
+    x = torch.randn(*SHAPES["NCHW"])
+    expected = ours(x)
+    swapped = swap_out(ours)
+    assert type(swapped) is OldTorchBatchNorm2d and swapped.bias is ours.bias
+    torch.testing.assert_close(swapped(x), expected)
+
+
+def test_swap_out_bias_less_to_torch_without_bias_argument_raises(monkeypatch):
+    monkeypatch.setitem(bnf._TO_TORCH, BatchNorm2d, OldTorchBatchNorm2d)
+    with pytest.raises(ValueError, match="has no BatchNorm bias argument"):
+        swap_out(BatchNorm2d(3, bias=False))
+
+
+def test_batchnorm_repr_without_torch_bias_argument_omits_bias(monkeypatch):
+    monkeypatch.setattr(bnf, "_accepts_bias", lambda module_type: False)
+    assert "bias=" not in repr(BatchNorm2d(3))
+    assert "bias=False" in repr(BatchNorm2d(3, bias=False))  # not expressible there: shown
+    assert "bias=" not in repr(BatchNorm2d(3, affine=False))

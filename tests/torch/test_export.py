@@ -77,7 +77,7 @@ def test_export_torchscript_exporter(tmp_path):
     model, x = linear_head()
     result = export(model, (x,), tmp_path / "model.onnx", dynamo=False, output_names=["logits"])
     assert result.passed and result.exporter == "torchscript" and result.bn_left == 0
-    assert [c.output for c in result.verification.checks] == ["logits"]
+    assert {c.output for c in result.verification.checks} == {"logits"}  # one per provider
 
 
 def test_export_mismatch_raises_and_leaves_old_file(tmp_path):
