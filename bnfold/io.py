@@ -541,6 +541,10 @@ def _node_tensors(node: onnx.NodeProto):
 def _initializers(graph: onnx.GraphProto):
     """Initializers of a graph and of its subgraphs: the tensors saving may move out."""
     yield from graph.initializer
+    yield from _subgraph_initializers(graph)
+
+
+def _subgraph_initializers(graph: onnx.GraphProto):
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
@@ -790,10 +794,11 @@ def _write_whole(model, staged: StagedModel, source: LoadedModel | None, size_th
         append_to = next(iter(renames.values()), f"{staged.dst.name}.data")
         _check_data_targets(staged, source, renames, [*renames.values(), append_to])
         _copy_data_files(staged, source, renames)
-        with _externalized(model, staged, append_to, renames, size_threshold):
-            if model.ByteSize() >= PROTOBUF_LIMIT:
+        with _externalized(model, staged, append_to, renames, size_threshold) as records:
+            pieces, size = wire.plan_splice(model, {}, records)
+            if size >= PROTOBUF_LIMIT:
                 raise WriteFailed(f"cannot write {staged.dst}: over 2 GiB even with weights in external data")
-            _write_file(staged.path, model.SerializeToString())
+            _write_pieces(staged.path, pieces)
         if staged.copies is not None:  # everything else is written: now wait for the big copies
             staged.copies.finish()
         for name in staged.data_files:  # once, at the end: the copies' write-back ran meanwhile
@@ -863,18 +868,18 @@ def _plan_data_names(dst: pathlib.Path, locations: list[str], base_dir) -> dict[
 def _externalized(model: onnx.ModelProto, staged: StagedModel, data_name: str, renames: dict[str, str], threshold: int):
     """Point `model` at the staged data for the duration of serialization, then undo it all.
 
-    Editing in place and undoing (instead of copying the model) keeps peak memory at one extra
-    copy of the moved tensors only.
+    The big main-graph initializers are appended to the data file but not edited: what is
+    yielded maps their index to the record that replaces them (for `wire.plan_splice`), so at
+    most one tensor's bytes are copied at a time. Subgraphs' (rare) are edited and restored.
     """
     undo: list = []
     try:
         for tensor in iter_tensors(model):
             if is_external(tensor):
                 _relocate(tensor, renames, undo)
-        moving = [t for t in _initializers(model.graph) if _in_memory_size(t) >= threshold]
-        if moving:
-            _append_tensors(moving, staged, data_name, undo)
-        yield
+        main = [(i, t) for i, t in enumerate(model.graph.initializer) if _in_memory_size(t) >= threshold]
+        nested = [(None, t) for t in _subgraph_initializers(model.graph) if _in_memory_size(t) >= threshold]
+        yield _append_tensors(main + nested, staged, data_name, undo) if main or nested else {}
     finally:
         for restore in reversed(undo):
             restore()
@@ -894,19 +899,35 @@ def _relocate(tensor: onnx.TensorProto, renames: dict[str, str], undo: list) -> 
             undo.append(lambda entry=entry, old=old: setattr(entry, "value", old))
 
 
-def _append_tensors(tensors, staged: StagedModel, data_name: str, undo: list) -> None:
+def _append_tensors(tensors, staged: StagedModel, data_name: str, undo: list) -> dict[int, bytes]:
+    """Append the data of `tensors`, (main-graph index or None, tensor) pairs, to `data_name`:
+    returns the records of the indexed ones; the others are pointed there (`undo` restores)."""
     path = staged.tmp_dir / data_name
+    records = {}
     with open(path, "ab") as f:
         f.seek(0, os.SEEK_END)
-        for tensor in tensors:
+        for index, tensor in tensors:
             f.write(b"\0" * (-f.tell() % ALIGN))
             raw = tensor.raw_data
             offset = f.tell()
             f.write(raw)
-            undo.append(_embedding_restorer(tensor, raw))
-            _point_at(tensor, data_name, offset, len(raw))
+            if index is None:
+                undo.append(_embedding_restorer(tensor, raw))
+                _point_at(tensor, data_name, offset, len(raw))
+            else:
+                records[index] = _external_record(tensor, data_name, offset, len(raw))
     if data_name not in staged.data_files:
         staged.data_files.append(data_name)
+    return records
+
+
+def _external_record(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> bytes:
+    """The initializer record of `tensor` with its data at `location` (a copy is edited)."""
+    stub = onnx.TensorProto()
+    stub.CopyFrom(tensor)
+    _point_at(stub, location, offset, length)
+    body = stub.SerializeToString()
+    return wire.record(wire.INITIALIZER, len(body)) + body
 
 
 def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -1056,6 +1077,17 @@ def _pwrite_all(fd: int, view: memoryview, at: int) -> None:
 def _write_file(path: pathlib.Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
+        _sync_file(f)
+
+
+def _write_pieces(path: pathlib.Path, pieces: list) -> None:
+    """A `wire.plan_splice` plan without stubs: bytes, and tensors serialized one at a time."""
+    with open(path, "wb") as f:
+        for piece in pieces:
+            if not isinstance(piece, bytes):
+                body = piece.SerializeToString()
+                piece = wire.record(wire.INITIALIZER, len(body)) + body
+            f.write(piece)
         _sync_file(f)
 
 
