@@ -274,3 +274,17 @@ def test_copies_input_data_shrinks_mid_copy_write_failed(tmp_path, rng, monkeypa
     with pytest.raises(WriteFailed, match="shrank while it was being copied"):
         bnfold.fold_file(src, tmp_path / "out.onnx", verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"] and copy_threads() == []
+
+
+def test_copies_kernel_copy_refused_copied_by_hand_verifies(tmp_path, rng, monkeypatch):
+    """copy_file_range refused (another file system, an old kernel): pread/pwrite instead."""
+    def refused(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(io.os, "copy_file_range", refused)
+    model = mixed_chain(rng)
+    src = save_external(model, tmp_path / "m.onnx")
+    data_in = (tmp_path / "m.onnx.data").read_bytes()
+    bnfold.fold_file(src, tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").read_bytes()[: len(data_in)] == data_in
+    assert_same_outputs(model, onnx.load(tmp_path / "out.onnx"), rng)
