@@ -303,10 +303,11 @@ def fold_file(
     if not in_place and target.resolve() == loaded.path:
         raise UsageError(f"output {target} is the input; pass --in-place to overwrite it")
     phase("folding")
-    result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone, spill=loaded.spill)
     settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol)
     reference = _prepared_once(loaded.path, settings) if verify else None
-    verification = _stage_and_verify(result, loaded, target, reference, phase)
+    with io.begin_staging(target, loaded) as early:  # big data files are copied while the fold runs
+        result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone, spill=loaded.spill)
+        verification = _stage_and_verify(result, loaded, target, reference, phase, early)
     if isinstance(verification, FoldResult):
         return verification
     if strict:
@@ -319,13 +320,14 @@ def fold_file(
     raise _failure(final, "even after rolling back the folds that failed alone")
 
 
-def _stage_and_verify(result: FoldResult, loaded, target, reference, phase):
+def _stage_and_verify(result: FoldResult, loaded, target, reference, phase, early=None):
     """The committed FoldResult when the staged output verifies against `reference` (see
-    _prepared_once; None: verification off), else the failed Verification (nothing written)."""
+    _prepared_once; None: verification off), else the failed Verification (nothing written).
+    `early`: io.begin_staging's, to write into."""
     from bnfold import io
 
     phase("writing")
-    with io.stage_model(result.model, target, source=loaded) as staged:
+    with io.stage_model(result.model, target, source=loaded, into=early) as staged:
         verification = None
         if reference is not None and result.modified:
             phase("verifying")

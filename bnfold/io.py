@@ -7,9 +7,12 @@ broken or hostile model fails at load with one line, not later with a traceback.
 
 Saving never decodes unchanged tensors. When the source kept its weights in external data, its
 data file(s) are copied byte for byte and only the in-memory (changed) tensors are appended, so
-every unchanged tensor keeps its offset. Everything is written into a temporary folder next to
-the destination and moved into place by `StagedModel.commit`: data file(s) first, model last,
-so a crash leaves the destination either old or new. Copy-then-append also means that after an
+every unchanged tensor keeps its offset. Big data files are copied by a background thread
+(`DataCopies`), which `begin_staging` starts as soon as the model is loaded, so the copy runs
+while the model is folded, and is synced to disk as it goes. Everything is written into a
+temporary folder next to the destination and moved into place by `StagedModel.commit`: data
+file(s) first, model last, each fsynced before the renames, so a crash (power loss included)
+leaves the destination either old or new. Copy-then-append also means that after an
 in-place save the old model file still reads correct bytes from the new data file (its tensors
 are a prefix of it), so even a crash between the two renames leaves a loadable model.
 """
@@ -27,6 +30,7 @@ import pathlib
 import shutil
 import stat
 import tempfile
+import threading
 
 import numpy as np
 import onnx
@@ -45,7 +49,9 @@ ALIGN = 4096  # offsets of appended tensors: page-aligned so runtimes can mmap t
 # whole, and their initializers from this size on stay in the file until needed.
 LAZY_MIN_FILE = 32 * 2**20
 LAZY_MIN_TENSOR = 2**16
-FAST_COPY_MIN = 2**26  # data files from this size on are copied with copy_file_range
+BACKGROUND_COPY_MIN = 2**26  # data files from this size on are copied by DataCopies' thread
+COPY_CHUNK = 2**28  # bytes per copy_file_range call: how soon a cancelled copy stops
+SYNC_INTERVAL = 0.05  # seconds between DataCopies' fdatasyncs of the copies under way
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -87,10 +93,7 @@ class Spill:
             self.file = tempfile.TemporaryFile(prefix="bnfold-spill-")
         fd = self.file.fileno()
         os.pwrite(fd, prefix, self.size)
-        view, at = memoryview(data).cast("B"), self.size + len(prefix)
-        while view:  # straight from the array: no bytes copy
-            done = os.pwrite(fd, view, at)
-            view, at = view[done:], at + done
+        _pwrite_all(fd, memoryview(data).cast("B"), self.size + len(prefix))  # from the array: no bytes copy
         self.size += len(prefix) + data.nbytes
         self.stubs[found.stub] = found
         return stub
@@ -547,6 +550,10 @@ def _node_tensors(node: onnx.NodeProto):
 def _initializers(graph: onnx.GraphProto):
     """Initializers of a graph and of its subgraphs: the tensors saving may move out."""
     yield from graph.initializer
+    yield from _subgraph_initializers(graph)
+
+
+def _subgraph_initializers(graph: onnx.GraphProto):
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
@@ -571,6 +578,7 @@ class StagedModel:
         self.in_place = in_place  # dst is the source model
         self.data_files: list[str] = []  # names inside tmp_dir, moved next to dst on commit
         self.extended: set[str] = set()  # data files that are a source data file plus appended bytes
+        self.copies: DataCopies | None = None  # big data files being copied in the background
         self.committed = False
 
     def commit(self) -> pathlib.Path:
@@ -583,6 +591,9 @@ class StagedModel:
         """
         if self.committed:
             return self.dst
+        if self.copies is not None:  # done by stage_model already; a commit never races a copy
+            with _discarding_on_error(self):
+                self.copies.finish()
         created: list[pathlib.Path] = []  # data files that did not exist before: taken back on failure
         try:
             if self._clobbers_old_data():
@@ -615,7 +626,12 @@ class StagedModel:
         return any(n not in self.extended and (self.dst.parent / n).exists() for n in self.data_files)
 
     def discard(self) -> None:
-        if not self.committed:
+        if self.committed:
+            return
+        try:
+            if self.copies is not None:
+                self.copies.cancel()
+        finally:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> StagedModel:
@@ -633,29 +649,60 @@ def save_model(
 
 
 def stage_model(
-    model: onnx.ModelProto, dst, *, source: LoadedModel | None = None, size_threshold: int = 1024
+    model: onnx.ModelProto,
+    dst,
+    *,
+    source: LoadedModel | None = None,
+    size_threshold: int = 1024,
+    into: StagedModel | None = None,
 ) -> StagedModel:
     """Write `model` for `dst` into a temporary folder beside it; `model` is left as it was.
 
     With external data in `source` (or a model too big to embed), tensors in memory of at
-    least `size_threshold` bytes go to the data file; smaller ones stay embedded.
+    least `size_threshold` bytes go to the data file; smaller ones stay embedded. `into`: the
+    `begin_staging` of `dst` whose data file copies are under way.
     """
+    staged = into if into is not None else _new_staged(dst, source)
+    if staged.dst != pathlib.Path(dst).absolute():
+        raise ValueError(f"staged for {staged.dst}, not {dst}")
+    with _discarding_on_error(staged):
+        _write_staged(model, staged, source, size_threshold)
+    return staged
+
+
+def begin_staging(dst, source: LoadedModel) -> StagedModel:
+    """Stage `dst` now, before the model is folded: the copies of the source's big data files
+    start at once in the background (`DataCopies`), so they run while the fold does. Pass it to
+    `stage_model(into=)`; as a context manager it stops the copies and removes everything
+    unless committed."""
+    staged = _new_staged(dst, source)
+    with _discarding_on_error(staged):
+        renames = _plan_data_names(staged.dst, list(source.external_files), source.base_dir)
+        _start_copies(staged, {name: source.base_dir / location for location, name in renames.items()})
+    return staged
+
+
+def _new_staged(dst, source: LoadedModel | None) -> StagedModel:
     dst = _check_destination(dst, source)
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".bnfold", dir=dst.parent)
     except OSError as e:
         raise WriteFailed(f"cannot write {dst}: {e.strerror or e}") from None
     in_place = source is not None and dst.resolve() == source.path
-    staged = StagedModel(dst, pathlib.Path(tmp_dir), in_place)
+    return StagedModel(dst, pathlib.Path(tmp_dir), in_place)
+
+
+@contextlib.contextmanager
+def _discarding_on_error(staged: StagedModel):
+    """Any failure removes what was staged; an OSError becomes one WriteFailed line."""
     try:
-        _write_staged(model, staged, source, size_threshold)
+        yield
     except OSError as e:
         staged.discard()
-        raise WriteFailed(f"cannot write {dst}: {e.strerror or e}") from None
+        raise WriteFailed(f"cannot write {staged.dst}: {e.strerror or e}") from None
     except BaseException:
         staged.discard()
         raise
-    return staged
 
 
 def _check_destination(dst, source: LoadedModel | None) -> pathlib.Path:
@@ -756,10 +803,13 @@ def _write_whole(model, staged: StagedModel, source: LoadedModel | None, size_th
         append_to = next(iter(renames.values()), f"{staged.dst.name}.data")
         _check_data_targets(staged, source, renames, [*renames.values(), append_to])
         _copy_data_files(staged, source, renames)
-        with _externalized(model, staged, append_to, renames, size_threshold):
-            if model.ByteSize() >= PROTOBUF_LIMIT:
+        with _externalized(model, staged, append_to, renames, size_threshold) as records:
+            pieces, size = wire.plan_splice(model, {}, records)
+            if size >= PROTOBUF_LIMIT:
                 raise WriteFailed(f"cannot write {staged.dst}: over 2 GiB even with weights in external data")
-            _write_file(staged.path, model.SerializeToString())
+            _write_pieces(staged.path, pieces)
+        if staged.copies is not None:  # everything else is written: now wait for the big copies
+            staged.copies.finish()
         for name in staged.data_files:  # once, at the end: the copies' write-back ran meanwhile
             _sync_path(staged.tmp_dir / name)
 
@@ -775,31 +825,32 @@ def _serialized_embedded(model: onnx.ModelProto) -> bytes | None:
 
 
 def _copy_data_files(staged: StagedModel, source: LoadedModel | None, renames: dict[str, str]) -> None:
-    """Copy each referenced source data file under its output name; unchanged bytes stay put."""
-    for location, name in renames.items():
-        _copy_file(source.base_dir / location, staged.tmp_dir / name)  # synced with the rest, last
+    """Copy each referenced source data file under its output name; unchanged bytes stay put.
+    Big files are copied in the background (and may be already, see `begin_staging`)."""
+    jobs = {name: source.base_dir / location for location, name in renames.items()}
+    _start_copies(staged, jobs)
+    for name, path in jobs.items():
+        if staged.copies is None or name not in staged.copies.jobs:
+            shutil.copyfile(path, staged.tmp_dir / name)  # synced with the rest, last
         staged.data_files.append(name)
-        if (staged.dst.parent / name).resolve() == (source.base_dir / location).resolve():
+        if (staged.dst.parent / name).resolve() == path.resolve():
             staged.extended.add(name)
 
 
-def _copy_file(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """A big file is copied in the kernel with copy_file_range, as cp does (shutil's sendfile
-    took 1.5x as long for 2.3 GB here); a small one, or where the kernel cannot, by shutil."""
-    if os.path.getsize(src) >= FAST_COPY_MIN and hasattr(os, "copy_file_range"):
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            size, done = os.fstat(fin.fileno()).st_size, 0
-            try:
-                while done < size:
-                    copied = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, done)
-                    if copied == 0:
-                        break  # the file shrank: copy what there is, as shutil would
-                    done += copied
-                return
-            except OSError as e:
-                if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-    shutil.copyfile(src, dst)
+def _start_copies(staged: StagedModel, jobs: dict[str, pathlib.Path]) -> None:
+    """Copy the big files of `jobs` (output name -> source file) in the background, keeping
+    the copies under way if they are these (the fold may have dropped a file's last tensor)."""
+    big = {name: path for name, path in jobs.items() if path.stat().st_size >= BACKGROUND_COPY_MIN}
+    early = staged.copies
+    if early is not None and early.jobs == big:
+        return
+    if early is not None:
+        staged.copies = None
+        early.cancel()
+        for name in early.jobs:
+            (staged.tmp_dir / name).unlink(missing_ok=True)
+    if big:
+        staged.copies = DataCopies(big, staged.tmp_dir)
 
 
 def _plan_data_names(dst: pathlib.Path, locations: list[str], base_dir) -> dict[str, str]:
@@ -826,18 +877,18 @@ def _plan_data_names(dst: pathlib.Path, locations: list[str], base_dir) -> dict[
 def _externalized(model: onnx.ModelProto, staged: StagedModel, data_name: str, renames: dict[str, str], threshold: int):
     """Point `model` at the staged data for the duration of serialization, then undo it all.
 
-    Editing in place and undoing (instead of copying the model) keeps peak memory at one extra
-    copy of the moved tensors only.
+    The big main-graph initializers are appended to the data file but not edited: what is
+    yielded maps their index to the record that replaces them (for `wire.plan_splice`), so at
+    most one tensor's bytes are copied at a time. Subgraphs' (rare) are edited and restored.
     """
     undo: list = []
     try:
         for tensor in iter_tensors(model):
             if is_external(tensor):
                 _relocate(tensor, renames, undo)
-        moving = [t for t in _initializers(model.graph) if _in_memory_size(t) >= threshold]
-        if moving:
-            _append_tensors(moving, staged, data_name, undo)
-        yield
+        main = [(i, t) for i, t in enumerate(model.graph.initializer) if _in_memory_size(t) >= threshold]
+        nested = [(None, t) for t in _subgraph_initializers(model.graph) if _in_memory_size(t) >= threshold]
+        yield _append_tensors(main + nested, staged, data_name, undo) if main or nested else {}
     finally:
         for restore in reversed(undo):
             restore()
@@ -857,19 +908,35 @@ def _relocate(tensor: onnx.TensorProto, renames: dict[str, str], undo: list) -> 
             undo.append(lambda entry=entry, old=old: setattr(entry, "value", old))
 
 
-def _append_tensors(tensors, staged: StagedModel, data_name: str, undo: list) -> None:
+def _append_tensors(tensors, staged: StagedModel, data_name: str, undo: list) -> dict[int, bytes]:
+    """Append the data of `tensors`, (main-graph index or None, tensor) pairs, to `data_name`:
+    returns the records of the indexed ones; the others are pointed there (`undo` restores)."""
     path = staged.tmp_dir / data_name
+    records = {}
     with open(path, "ab") as f:
         f.seek(0, os.SEEK_END)
-        for tensor in tensors:
+        for index, tensor in tensors:
             f.write(b"\0" * (-f.tell() % ALIGN))
             raw = tensor.raw_data
             offset = f.tell()
             f.write(raw)
-            undo.append(_embedding_restorer(tensor, raw))
-            _point_at(tensor, data_name, offset, len(raw))
+            if index is None:
+                undo.append(_embedding_restorer(tensor, raw))
+                _point_at(tensor, data_name, offset, len(raw))
+            else:
+                records[index] = _external_record(tensor, data_name, offset, len(raw))
     if data_name not in staged.data_files:
         staged.data_files.append(data_name)
+    return records
+
+
+def _external_record(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> bytes:
+    """The initializer record of `tensor` with its data at `location` (a copy is edited)."""
+    stub = onnx.TensorProto()
+    stub.CopyFrom(tensor)
+    _point_at(stub, location, offset, length)
+    body = stub.SerializeToString()
+    return wire.record(wire.INITIALIZER, len(body)) + body
 
 
 def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -899,12 +966,137 @@ def _embedding_restorer(tensor: onnx.TensorProto, raw: bytes):
     return restore
 
 
+# --------------------------------------------------------------------------- background copies
+
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+class DataCopies:
+    """Big data files copied into the staging folder by a background thread: for a model with
+    external data the copy is most of the time, and this way it runs while the model is folded
+    and serialized. A second thread fdatasyncs the copies while they grow, so that their
+    write-back to disk overlaps the copy too and the fsync before commit waits only for the
+    tail (keeping the output durable costs little more than not).
+
+    Each copy is created at its source's size, so tensors appended meanwhile (append mode)
+    land after it, wherever the copy has got to. Neither thread lets an exception escape (it
+    would be printed as a thread traceback): the first one is kept and `finish` raises it.
+    `finish` and `cancel` both join the threads and close the files; either may be called again.
+    """
+
+    def __init__(self, jobs: dict[str, pathlib.Path], tmp_dir: pathlib.Path):
+        self.jobs = dict(jobs)  # output name (in tmp_dir) -> source file
+        self._files: list[tuple[pathlib.Path, int, int, int]] = []  # source, its fd, copy's fd, size
+        self._stop, self._copied = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        try:
+            for name, source in self.jobs.items():
+                self._open(source, tmp_dir / name)
+        except BaseException:
+            self._close()
+            raise
+        self._threads = [threading.Thread(target=self._run, args=(work,), name=f"bnfold-{work.__name__}", daemon=True)
+                         for work in (self._copy_all, self._sync_while_copying)]
+        for thread in self._threads:
+            thread.start()
+
+    def _open(self, source: pathlib.Path, target: pathlib.Path) -> None:
+        src = os.open(source, os.O_RDONLY)
+        try:
+            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except BaseException:
+            os.close(src)
+            raise
+        self._files.append((source, src, dst, os.fstat(src).st_size))
+        os.ftruncate(dst, self._files[-1][3])
+
+    def _run(self, work) -> None:
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - kept for finish() to raise, never lost
+            if self._error is None:
+                self._error = e
+            self._stop.set()
+
+    def _copy_all(self) -> None:
+        try:
+            for source, src, dst, size in self._files:
+                done = 0
+                while done < size and not self._stop.is_set():
+                    copied = _copy_range(src, dst, done, min(COPY_CHUNK, size - done))
+                    if copied == 0:
+                        raise OSError(f"the input data file {source} shrank while it was being copied")
+                    done += copied
+        finally:
+            self._copied.set()
+
+    def _sync_while_copying(self) -> None:
+        sync = getattr(os, "fdatasync", os.fsync)
+        while not self._copied.wait(SYNC_INTERVAL):
+            for _, _, dst, _ in self._files:
+                sync(dst)
+
+    def finish(self) -> None:
+        """Wait for the copies; raise what went wrong (an OSError for a failed copy or sync)."""
+        self._join()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._join()
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        self._close()
+
+    def _close(self) -> None:
+        files, self._files = self._files, []
+        for _, src, dst, _ in files:
+            os.close(src)
+            os.close(dst)
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int) -> int:
+    """Copy up to `length` bytes at `offset`: in the kernel where it can (copy_file_range, as cp
+    does; shutil's sendfile took 1.5x as long for 2.3 GB here), by hand elsewhere. Returns
+    the bytes copied, 0 at the end of `src`."""
+    try:
+        return os.copy_file_range(src, dst, length, offset, offset)
+    except AttributeError:  # not Linux
+        pass
+    except OSError as e:
+        if e.errno not in _NO_KERNEL_COPY:
+            raise
+    data = os.pread(src, min(length, 2**24), offset)
+    _pwrite_all(dst, memoryview(data), offset)
+    return len(data)
+
+
+def _pwrite_all(fd: int, view: memoryview, at: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, at)
+        view, at = view[done:], at + done
+
+
 # --------------------------------------------------------------------------- durability
 
 
 def _write_file(path: pathlib.Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
+        _sync_file(f)
+
+
+def _write_pieces(path: pathlib.Path, pieces: list) -> None:
+    """A `wire.plan_splice` plan without stubs: bytes, and tensors serialized one at a time."""
+    with open(path, "wb") as f:
+        for piece in pieces:
+            if not isinstance(piece, bytes):
+                body = piece.SerializeToString()
+                piece = wire.record(wire.INITIALIZER, len(body)) + body
+            f.write(piece)
         _sync_file(f)
 
 

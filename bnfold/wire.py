@@ -167,14 +167,15 @@ def spill_record(header: onnx.TensorProto, data_length: int, location: str, offs
     return prefix, stub, found
 
 
-def plan_splice(model: onnx.ModelProto, stubs: dict[str, Stub]) -> tuple[list, int]:
+def plan_splice(model: onnx.ModelProto, stubs: dict[str, Stub], records: dict[int, bytes] | None = None) -> tuple[list, int]:
     """What `write_splice` writes for `model`, in order (bytes; a Stub to copy from the source
     file; a TensorProto to serialize), and the total size. Each initializer that is still an
-    unchanged stub is its source record; nothing here serializes the whole model (in upb even
-    ByteSize() does that, doubling memory)."""
+    unchanged stub is its source record, one in `records` (by index) that record; nothing here
+    serializes the whole model (in upb even ByteSize() does that, doubling memory)."""
     before, after = _shell(model, GRAPH)
     graph_before, graph_after = _shell(model.graph, INITIALIZER)
-    tensors = [_unchanged(tensor, stubs) or tensor for tensor in model.graph.initializer]
+    records = records or {}
+    tensors = [records.get(i) or _unchanged(tensor, stubs) or tensor for i, tensor in enumerate(model.graph.initializer)]
     graph_length = len(graph_before) + len(graph_after) + sum(_length(t) for t in tensors)
     pieces = [before + record(GRAPH, graph_length) + graph_before, *tensors, graph_after + after]
     return pieces, len(pieces[0]) - len(graph_before) + graph_length + len(after)
@@ -196,7 +197,7 @@ def write_splice(fd: int, pieces: list, source_fd: int, spill_fd: int | None = N
 def _unchanged(tensor: onnx.TensorProto, stubs: dict) -> Stub | None:
     """The Stub `tensor` still is: found by name among the source's, by its bytes among the
     spilled ones (a refold may spill a tensor of the same name again)."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    if not stubs or tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None
     body = tensor.SerializeToString()
     found = stubs.get(tensor.name)
@@ -232,6 +233,8 @@ def _length(piece) -> int:
     tensor serializes just that tensor)."""
     if isinstance(piece, Stub):
         return piece.record_length
+    if isinstance(piece, bytes):
+        return len(piece)
     size = piece.ByteSize()
     return len(record(INITIALIZER, size)) + size
 
