@@ -373,15 +373,44 @@ class GraphIndex:
         Always a new initializer: the old tensor may be shared with other nodes, which must not
         see the change. The old input becomes an orphan candidate, dropped at finish() if unused.
         """
+        old = node.input[position] if position < len(node.input) else ""
+        if old and self._owned_by(old, node, value):
+            self._overwrite_initializer(old, value)
+            return old
         name = self._add_initializer(value, base)
         while len(node.input) <= position:
             node.input.append("")
-        old = node.input[position]
         if old:
             self._drop_use(old, node)
         node.input[position] = name
         self.consumers[name].append(node)
         return name
+
+    def _owned_by(self, name: str, node: onnx.NodeProto, value: np.ndarray) -> bool:
+        """Whether initializer `name` may be overwritten with `value` for `node`: an embedded
+        tensor of value's dtype and shape (so declared types stay true) that only `node` reads,
+        once, and that nothing else can see (no graph input or output, no subgraph, no lazy-load
+        stub, no spill). Overwriting spares a new initializer and the old one's removal."""
+        tensor = self.initializers.get(name)
+        if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL or name in self.inputs or name in self.outputs:
+            return False
+        if tensor.data_type != _ONNX_DTYPES.get(value.dtype) or tuple(tensor.dims) != value.shape or self.model.spill is not None:
+            return False
+        users = self.consumers.get(name, ())
+        if len(users) != 1 or users[0] is not node or list(node.input).count(name) != 1:
+            return False
+        return not (self.children and self._read_by_subgraph(name))
+
+    def _overwrite_initializer(self, name: str, value: np.ndarray) -> None:
+        tensor = self.initializers[name]
+        doc = tensor.doc_string
+        tensor.Clear()
+        encode_tensor(value, name, tensor)
+        tensor.doc_string = doc
+        if value.nbytes < MAX_MEMO_BYTES:
+            self._constants[name] = (value, 0)
+        else:
+            self._constants.pop(name, None)
 
     def _add_initializer(self, value: np.ndarray, base: str) -> str:
         name = self.model.unique_name(base)

@@ -102,3 +102,51 @@ def test_constant_shared_input_read_once(rng, monkeypatch):
     result = bnfold.fold(model)
     assert len(result.report.folded) == 1
     assert reads.count("w0") == 1, reads
+
+
+# --- set_constant_input: overwrite an initializer only its node reads, else a new one ---------
+
+
+def _initializer_names(model) -> list[str]:
+    return sorted(t.name for t in model.graph.initializer)
+
+
+def test_set_constant_input_sole_reader_overwrites_in_place(rng):
+    from tests.conftest import conv_bn_relu_chain
+
+    model = conv_bn_relu_chain(rng, blocks=2)
+    result = assert_folds(model, rng, expect_left=0)
+    names = _initializer_names(result.model)
+    assert {"W0", "W1"} <= set(names)  # the weights keep their names, new values
+    assert not any(n.startswith("W") and n.endswith("_bnfold") for n in names)
+
+
+def test_set_constant_input_shared_weight_gets_new_initializer(rng):
+    """Two Convs read one weight: the first fold gets a new initializer (the other Conv still
+    reads W); after it, W is the second Conv's alone and may be overwritten."""
+    inits = [tensor("W", rng.normal(0, 0.3, [8, 3, 3, 3]).astype(np.float32))]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        bn_node(inits, "c0", "y0", rng, 8, name="bn0"),
+        helper.make_node("Conv", ["x", "W"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        bn_node(inits, "c1", "y1", rng, 8, name="bn1"),
+    ]
+    outputs = [value_info(y, np.float32, [2, 8, 6, 6]) for y in ("y0", "y1")]
+    model = make_model(nodes, [value_info("x", np.float32, [2, 3, 6, 6])], outputs, inits)
+    result = assert_folds(model, rng, expect_left=0)
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    assert sorted(c.input[1] for c in convs) == ["W", "W_bnfold"]
+
+
+def test_set_constant_input_bias_of_other_shape_gets_new_initializer(rng):
+    """A Gemm bias C of shape [1] becomes a [C] vector: a new initializer, the old one dropped."""
+    inits = [tensor("B", rng.normal(0, 0.3, [6, 4]).astype(np.float32)), tensor("C", np.array([0.5], np.float32))]
+    nodes = [
+        helper.make_node("Gemm", ["x", "B", "C"], ["g"], name="gemm"),
+        bn_node(inits, "g", "y", rng, 4, name="bn"),
+    ]
+    model = make_model(nodes, [value_info("x", np.float32, [3, 6])], [value_info("y", np.float32, [3, 4])], inits)
+    result = assert_folds(model, rng, expect_left=0)
+    gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
+    assert gemm.input[1] == "B" and gemm.input[2] != "C"
+    assert "C" not in _initializer_names(result.model)
