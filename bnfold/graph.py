@@ -41,6 +41,7 @@ MAX_MEMO_BYTES = 2**20
 # and biases have one per channel; a ConstantOfShape([2**32]) is not fold material.
 MAX_CONSTANT_GROWTH = 2**22
 _UNKNOWN = object()
+_EXTERNAL = onnx.TensorProto.EXTERNAL
 _UNCACHED = object()
 _TOO_DEEP = object()
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -124,7 +125,7 @@ class ModelIndex:
 
     def read_tensor(self, tensor: onnx.TensorProto) -> np.ndarray | None:
         """Decode an initializer; None when its external data is not reachable."""
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if tensor.data_location == _EXTERNAL:
             spilled = self.spill.find(tensor) if self.spill is not None else None
             if spilled is not None:
                 return self.spill.read(tensor, spilled)
@@ -277,12 +278,13 @@ class GraphIndex:
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of `name` if it is a constant the fold may rely on, else None."""
-        known = self._constants.get(name)
-        if known is not None:  # whatever is known was found within the full depth
+        known = self._constants.get(name, _UNKNOWN)
+        if known.__class__ is tuple:  # whatever is known was found within the full depth
             return known[0]
-        tensor = self.initializers.get(name)
-        if tensor is not None and name not in self._constants and not self.is_overridable(name):
-            return self._initializer_constant(name, tensor)  # the common case, without the walk
+        if known is _UNKNOWN:
+            tensor = self.initializers.get(name)
+            if tensor is not None and name not in self.inputs:  # not overridable (see is_overridable)
+                return self._initializer_constant(name, tensor)  # the common case, without the walk
         found = self._constant(name, MAX_CONSTANT_DEPTH)
         return found[0] if isinstance(found, tuple) else None
 
