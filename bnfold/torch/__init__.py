@@ -14,7 +14,7 @@ try:
 except ImportError as err:  # the ONNX side never needs torch; this side says how to get it
     raise ImportError("bnfold.torch needs PyTorch: pip install 'bnfold[torch]'") from err
 
-from bnfold.torch.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, swap_in, swap_out
+from bnfold.torch.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, TorchLacksBias, swap_in, swap_out
 from bnfold.torch.fold import TorchFoldResult, fold
 from bnfold.torch.export import TorchExportResult, export  # noqa: I001 (after fold: export uses it)
 
@@ -24,6 +24,7 @@ __all__ = [
     "BatchNorm3d",
     "TorchExportResult",
     "TorchFoldResult",
+    "TorchLacksBias",
     "export",
     "fold",
     "swap_in",

@@ -40,7 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BatchNormBase", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "swap_in", "swap_out"]
+from bnfold.errors import UsageError
+
+__all__ = [
+    "BatchNormBase", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "TorchLacksBias", "swap_in", "swap_out",
+]
 
 Impl = Literal["explicit", "autograd"]
 _IMPLS = ("explicit", "autograd")
@@ -367,21 +371,29 @@ _TO_BNFOLD: dict[type, type] = {
 _TO_TORCH: dict[type, type] = {v: k for k, v in _TO_BNFOLD.items()}
 
 
+class TorchLacksBias(UsageError, ValueError):
+    """swap_out met an affine BatchNorm without bias on a torch whose nn.BatchNorm has no `bias`
+    argument. Inventing a zero bias would add a parameter (to state_dict, to an optimizer, to
+    training), so the model is left as it was instead."""
+
+
 def _accepts_bias(module_type: type) -> bool:
-    """Whether `module_type(..., bias=...)` exists: torch's BatchNorm gained the argument late
-    (torch 2.11 has none), bnfold's always has it."""
+    """Whether `module_type(..., bias=...)` exists, read from the installed torch's signature:
+    torch's BatchNorm gained the argument late (torch 2.11 has none, 2.13 has it); bnfold's
+    always has it."""
     return "bias" in inspect.signature(module_type.__init__).parameters
 
 
-def _convert(old: torch.nn.Module, new_type: type, **extra) -> torch.nn.Module:
+def _convert(old: torch.nn.Module, new_type: type, where: str, **extra) -> torch.nn.Module:
     """A module of new_type sharing old's Parameter and buffer objects (so an optimizer holding
     them keeps working), hyper-parameters and training flag."""
     if _accepts_bias(new_type):
         extra["bias"] = old.bias is not None
     elif old.affine and old.bias is None:
-        raise ValueError(
-            f"cannot convert a bias-less affine {type(old).__name__} to {new_type.__module__}.{new_type.__name__}: "
-            f"this torch ({torch.__version__}) has no BatchNorm bias argument"
+        raise TorchLacksBias(
+            f"cannot swap {where} (affine, bias=False) to torch.nn.{new_type.__name__}: torch "
+            f"{torch.__version__}'s BatchNorm has no bias argument (torch 2.13 has one); "
+            "upgrade torch or give the module a zero bias; the model was left unchanged"
         )
     new = new_type(
         old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
@@ -396,12 +408,18 @@ def _convert(old: torch.nn.Module, new_type: type, **extra) -> torch.nn.Module:
 
 
 def _swap(model: torch.nn.Module, mapping: dict[type, type], **extra) -> torch.nn.Module:
+    """Every replacement is built before the first is set: a module that cannot be converted
+    raises with `model` untouched, never half swapped."""
     if type(model) in mapping:
-        return _convert(model, mapping[type(model)], **extra)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) in mapping:
-                setattr(parent, name, _convert(child, mapping[type(child)], **extra))
+        return _convert(model, mapping[type(model)], "the model", **extra)
+    replacements = [
+        (parent, name, _convert(child, mapping[type(child)], repr(f"{prefix}.{name}".lstrip(".")), **extra))
+        for prefix, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if type(child) in mapping
+    ]
+    for parent, name, new in replacements:
+        setattr(parent, name, new)
     return model
 
 

@@ -46,6 +46,34 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def without_torch_bias_argument(monkeypatch) -> None:
+    """Make the installed torch look like one whose BatchNorm has no `bias` argument (torch 2.11
+    and older): _BatchNorm.__init__ with that signature, and _NormBase's repr without `bias=`.
+    The real classes are patched, so bnfold reads them as it would read such a torch."""
+    base = nn.modules.batchnorm
+    init = base._BatchNorm.__init__
+
+    def old_init(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None):
+        init(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+    def old_extra_repr(self):
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
+                "track_running_stats={track_running_stats}".format(**self.__dict__))
+
+    monkeypatch.setattr(base._BatchNorm, "__init__", old_init)
+    monkeypatch.setattr(base._NormBase, "extra_repr", old_extra_repr)
+
+
+@pytest.fixture(params=["installed", "no-bias-arg"])
+def torch_flavour(request, monkeypatch):
+    """Run a test on the installed torch and on it made to look like a torch whose BatchNorm has
+    no `bias` argument."""
+    if request.param == "no-bias-arg":
+        without_torch_bias_argument(monkeypatch)
+    return request.param
+
+
 def make_pair(rank: int, channels: int = 3, impl: str = "explicit", **kwargs):
     """(bnfold module, torch module) with the same random weight and bias."""
     ours_cls, torch_cls = PAIRS[rank]
@@ -271,9 +299,9 @@ def test_batchnorm_empty_batch_matches_torch():
 @pytest.mark.parametrize("kwargs", [{}, {"affine": False}, {"track_running_stats": False},
                                     {"bias": False}, {"momentum": None, "eps": 1e-3}],
                          ids=["default", "noaffine", "notrack", "nobias", "cma-eps"])
-def test_batchnorm_attributes_and_repr_match_torch(kwargs):
+def test_batchnorm_attributes_and_repr_match_torch(kwargs, torch_flavour):
     if "bias" in kwargs and not bnf._accepts_bias(nn.BatchNorm2d):
-        pytest.skip(f"torch {torch.__version__}'s BatchNorm has no bias argument")
+        pytest.skip(f"no bias argument on this BatchNorm (torch {torch.__version__}, {torch_flavour})")
     ours, ref = make_pair(4, **kwargs)
     assert isinstance(ours, BatchNormBase) and isinstance(ours, nn.Module)
     assert repr(ours) == repr(ref)
@@ -290,7 +318,7 @@ def test_batchnorm_repr_shows_non_default_impl():
 
 @pytest.mark.parametrize("direction", ["torch_to_bnfold", "bnfold_to_torch"])
 @pytest.mark.parametrize("rank", [2, 4, 5])
-def test_batchnorm_state_dict_round_trip_same_outputs(rank, direction):
+def test_batchnorm_state_dict_round_trip_same_outputs(rank, direction, torch_flavour):
     gen = torch.Generator().manual_seed(5)
     shape = {2: (6, 3), 4: (3, 3, 2, 2), 5: (2, 3, 2, 2, 2)}[rank]
     ours, ref = make_pair(rank)
@@ -354,7 +382,7 @@ def bn_types(model):
     return [type(m) for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNormBase))]
 
 
-def test_swap_in_then_swap_out_keeps_state_and_outputs():
+def test_swap_in_then_swap_out_keeps_state_and_outputs(torch_flavour):
     gen = torch.Generator().manual_seed(6)
     model = Net()
     for _ in range(2):
@@ -385,7 +413,7 @@ def test_swap_in_then_swap_out_keeps_state_and_outputs():
     assert torch.equal(model(x), before)
 
 
-def test_swap_in_root_batchnorm_returns_replacement():
+def test_swap_in_root_batchnorm_returns_replacement(torch_flavour):
     bn = nn.BatchNorm2d(3, momentum=0.2).eval()
     swapped = swap_in(bn)
     assert type(swapped) is BatchNorm2d and not swapped.training and swapped.momentum == 0.2
@@ -436,34 +464,42 @@ def test_batchnorm_module_has_no_stray_public_names():
                                 "swap_in", "swap_out"}
 
 
-class OldTorchBatchNorm2d(nn.BatchNorm2d):
-    """torch.nn.BatchNorm2d as torch versions before the `bias` argument construct it."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-
-
-def test_swap_out_to_torch_without_bias_argument_same_outputs(monkeypatch):
-    monkeypatch.setitem(bnf._TO_TORCH, BatchNorm2d, OldTorchBatchNorm2d)
-    ours, _ = make_pair(4)
-    ours(batch(SHAPES["NCHW"], torch.float32, torch.Generator().manual_seed(7)))
-    ours.eval()
-    x = torch.randn(*SHAPES["NCHW"])
-    expected = ours(x)
-    swapped = swap_out(ours)
-    assert type(swapped) is OldTorchBatchNorm2d and swapped.bias is ours.bias
-    torch.testing.assert_close(swapped(x), expected)
-
-
-def test_swap_out_bias_less_to_torch_without_bias_argument_raises(monkeypatch):
-    monkeypatch.setitem(bnf._TO_TORCH, BatchNorm2d, OldTorchBatchNorm2d)
-    with pytest.raises(ValueError, match="has no BatchNorm bias argument"):
+def test_swap_out_bias_less_without_torch_bias_argument_raises_untouched(monkeypatch):
+    without_torch_bias_argument(monkeypatch)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), BatchNorm2d(4), nn.Conv2d(4, 4, 1), BatchNorm2d(4, bias=False))
+    x = torch.randn(3, 2, 4, 4)
+    before = model(x)
+    with pytest.raises(bnf.TorchLacksBias, match=r"cannot swap '3' \(affine, bias=False\) to torch.nn.BatchNorm2d: "
+                       r"torch .*'s BatchNorm has no bias argument \(torch 2.13 has one\)"):
+        swap_out(model)
+    assert bn_types(model) == [BatchNorm2d, BatchNorm2d]  # not half swapped
+    assert torch.equal(model(x), before)
+    with pytest.raises(ValueError, match="cannot swap the model"):  # also a ValueError, as documented
         swap_out(BatchNorm2d(3, bias=False))
 
 
-def test_batchnorm_repr_without_torch_bias_argument_omits_bias(monkeypatch):
-    monkeypatch.setattr(bnf, "_accepts_bias", lambda module_type: False)
-    assert "bias=" not in repr(BatchNorm2d(3))
+def test_swap_out_bias_less_with_torch_bias_argument_keeps_no_bias():
+    if not bnf._accepts_bias(nn.BatchNorm2d):
+        pytest.skip(f"torch {torch.__version__}'s BatchNorm has no bias argument")
+    ours, _ = make_pair(4, bias=False)
+    ours(batch(SHAPES["NCHW"], torch.float32, torch.Generator().manual_seed(8)))
+    x = torch.randn(*SHAPES["NCHW"])
+    expected = ours.eval()(x)
+    swapped = swap_out(ours)
+    assert type(swapped) is nn.BatchNorm2d and swapped.bias is None and swapped.weight is ours.weight
+    assert torch.equal(swapped(x), expected)
+
+
+def test_batchnorm_repr_without_torch_bias_argument_shows_bias_only_when_absent(monkeypatch):
+    without_torch_bias_argument(monkeypatch)
+    assert repr(BatchNorm2d(3)) == repr(nn.BatchNorm2d(3))
     assert "bias=False" in repr(BatchNorm2d(3, bias=False))  # not expressible there: shown
-    assert "bias=" not in repr(BatchNorm2d(3, affine=False))
+    assert repr(BatchNorm2d(3, affine=False)) == repr(nn.BatchNorm2d(3, affine=False))
+
+
+def test_without_torch_bias_argument_simulation_refuses_bias(monkeypatch):
+    """The simulation behind the `no-bias-arg` cases is faithful where it matters."""
+    without_torch_bias_argument(monkeypatch)
+    with pytest.raises(TypeError, match="bias"):
+        nn.BatchNorm2d(3, bias=True)
+    assert "bias=" not in repr(nn.BatchNorm1d(3)) and not bnf._accepts_bias(nn.BatchNorm3d)

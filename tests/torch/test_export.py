@@ -77,7 +77,11 @@ def test_export_torchscript_exporter(tmp_path):
     model, x = linear_head()
     result = export(model, (x,), tmp_path / "model.onnx", dynamo=False, output_names=["logits"])
     assert result.passed and result.exporter == "torchscript" and result.bn_left == 0
-    assert {c.output for c in result.verification.checks} == {"logits"}  # one per provider
+    # One check per provider verify ran (CPU, and CUDA where it works), each of the one output.
+    checks = [(c.provider, c.output) for c in result.verification.checks]
+    assert checks == [(p, "logits") for p in result.verification.providers]
+    assert result.verification.providers[0] == "CPUExecutionProvider"
+    assert onnx.load(result.path).graph.output[0].name == "logits"
 
 
 def test_export_mismatch_raises_and_leaves_old_file(tmp_path):
