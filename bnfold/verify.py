@@ -26,6 +26,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 
@@ -178,7 +179,8 @@ def _cuda_options() -> dict | None:
     model.ir_version = 8
     for options in (_FULL_FLOAT32, {}):
         try:
-            session = ort.InferenceSession(model.SerializeToString(), _session_options(4), providers=[(CUDA, options)])
+            with _CUDA_LOCK:
+                session = ort.InferenceSession(model.SerializeToString(), _session_options(4), providers=[(CUDA, options)])
         except Exception:  # noqa: BLE001 - any failure means "not with these options"
             continue
         if CUDA in session.get_providers():
@@ -381,11 +383,23 @@ class _Refused(Exception):
     """onnxruntime cannot build a session for one of the models."""
 
 
+# onnxruntime's CUDA provider is not safe to use from several threads at once: on an H100,
+# sessions built while another thread's were building or running failed with "CUDA failure
+# 900: operation not permitted when stream is capturing" (microsoft/onnxruntime#18806), and
+# bnfold then saw a provider that "could not be initialised". Its CUDA work is serialised.
+_CUDA_LOCK = threading.Lock()
+
+
+def _provider_lock(provider: str):
+    return _CUDA_LOCK if provider == CUDA else contextlib.nullcontext()
+
+
 def _ort_session(source, provider: str, which: str):
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(source, _session_options(), providers=[_with_options(provider)])
+        with _provider_lock(provider):
+            session = ort.InferenceSession(source, _session_options(), providers=[_with_options(provider)])
     except Exception as err:  # noqa: BLE001 - NOT_IMPLEMENTED, INVALID_GRAPH, FAIL, ...
         raise _Refused(f"onnxruntime refused the {which} model: {_one_line(err)}") from None
     if provider not in session.get_providers():
@@ -420,7 +434,8 @@ def _run_ort(session, feeds: dict, which: str, provider: str) -> dict[str, np.nd
     wanted = {i.name for i in session.get_inputs()}
     values = {k: _to_ortvalue(v) for k, v in feeds.items() if k in wanted}
     try:
-        outputs = session.run_with_ort_values(names, values)
+        with _provider_lock(provider):
+            outputs = session.run_with_ort_values(names, values)
     except Exception as err:  # noqa: BLE001 - shape errors and the like, raised at run time
         message = f"onnxruntime could not run the {which} model on {provider}: {_one_line(err)}"
         if which == "reference":  # the input does not run on these inputs: not a failed fold

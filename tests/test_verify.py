@@ -491,3 +491,56 @@ def test_import_bnfold_verify_does_not_import_onnxruntime():
     code = "import sys, bnfold.verify; print('onnxruntime' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_verify_cuda_work_serialised_across_threads(monkeypatch, rng):
+    """onnxruntime's CUDA provider fails when used from several threads at once (seen on an
+    H100: CUDA failure 900 at session creation): bnfold builds and runs CUDA sessions one at a
+    time. A stand-in session records how many CUDA calls overlap; CPU calls may overlap."""
+    import threading
+    import time as time_module
+
+    reference, candidate = conv_bn(rng)
+    active = {"CUDAExecutionProvider": 0}
+    peak = {"CUDAExecutionProvider": 0}
+    guard = threading.Lock()
+    real_session = ort.InferenceSession
+
+    def busy(provider):
+        with guard:
+            active[provider] += 1
+            peak[provider] = max(peak[provider], active[provider])
+        time_module.sleep(0.005)
+        with guard:
+            active[provider] -= 1
+
+    class FakeCudaSession:
+        def __init__(self, source, options, providers):
+            busy("CUDAExecutionProvider")
+            self._inner = real_session(source, options, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider"]
+
+        def run_with_ort_values(self, names, values):
+            busy("CUDAExecutionProvider")
+            return self._inner.run_with_ort_values(names, values)
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    monkeypatch.setattr(ort, "InferenceSession", FakeCudaSession)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(verify_module, "_cuda_options", lambda: {})
+    results = []
+
+    def job():
+        results.append(verify(reference, candidate, providers=["CUDAExecutionProvider"]).passed)
+
+    threads = [threading.Thread(target=job) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 6
+    assert peak["CUDAExecutionProvider"] == 1
