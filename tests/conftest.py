@@ -191,3 +191,15 @@ def conv_bn_relu_chain(rng, blocks=3, channels=8, batch="batch", size=8) -> onnx
         x = f"r{i}"
     inputs = [value_info("x", np.float32, [batch, 3, size, size])]
     return make_model(nodes, inputs, [value_info(x, np.float32, [batch, channels, size, size])], inits)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Names of the tensors whose values were read from a file (external data or a lazy load's
+    stubs), in order."""
+    from bnfold import io
+
+    names = []
+    real = io.read_tensor
+    monkeypatch.setattr(io, "read_tensor", lambda t, base_dir: (names.append(t.name), real(t, base_dir))[1])
+    return names

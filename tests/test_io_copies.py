@@ -38,15 +38,6 @@ def background(monkeypatch):
 
 
 @pytest.fixture
-def reads(monkeypatch):
-    """Names of the tensors whose values were read from a data file."""
-    names = []
-    real = io.read_tensor
-    monkeypatch.setattr(io, "read_tensor", lambda t, base_dir: (names.append(t.name), real(t, base_dir))[1])
-    return names
-
-
-@pytest.fixture
 def slow_copy(monkeypatch):
     """Each copy step takes 10 ms (a 17 KB file: about 0.7 s in all); `started` is set at the
     first step, `steps` counts them."""

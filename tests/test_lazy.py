@@ -27,15 +27,6 @@ def lazy(monkeypatch):
     monkeypatch.setattr(io, "LAZY_MIN_TENSOR", 256)
 
 
-@pytest.fixture
-def reads(monkeypatch):
-    """Names of the tensors read from a file (external data or a lazy load's stubs)."""
-    names = []
-    real = io.read_tensor
-    monkeypatch.setattr(io, "read_tensor", lambda t, base_dir: (names.append(t.name), real(t, base_dir))[1])
-    return names
-
-
 def conv_bn_conv(rng) -> onnx.ModelProto:
     """x -> Conv(W1) -> BN -> Relu -> Conv(W2) -> y: W1 (1152 B) changes, W2 (2304 B) does not."""
     inits = [
