@@ -387,7 +387,7 @@ class _Refused(Exception):
 # sessions built while another thread's were building or running failed with "CUDA failure
 # 900: operation not permitted when stream is capturing" (microsoft/onnxruntime#18806), and
 # bnfold then saw a provider that "could not be initialised". Its CUDA work is serialised.
-_CUDA_LOCK = threading.Lock()
+_CUDA_LOCK = threading.RLock()  # re-entrant: the first CUDA session may probe CUDA inside it
 
 
 def _provider_lock(provider: str):
@@ -397,9 +397,10 @@ def _provider_lock(provider: str):
 def _ort_session(source, provider: str, which: str):
     import onnxruntime as ort
 
+    providers = [_with_options(provider)]  # may probe CUDA once (under the lock itself)
     try:
         with _provider_lock(provider):
-            session = ort.InferenceSession(source, _session_options(), providers=[_with_options(provider)])
+            session = ort.InferenceSession(source, _session_options(), providers=providers)
     except Exception as err:  # noqa: BLE001 - NOT_IMPLEMENTED, INVALID_GRAPH, FAIL, ...
         raise _Refused(f"onnxruntime refused the {which} model: {_one_line(err)}") from None
     if provider not in session.get_providers():

@@ -544,3 +544,38 @@ def test_verify_cuda_work_serialised_across_threads(monkeypatch, rng):
         t.join()
     assert results == [True] * 6
     assert peak["CUDAExecutionProvider"] == 1
+
+
+def test_verify_explicit_cuda_before_any_probe_does_not_deadlock(monkeypatch, rng):
+    """`--provider CUDAExecutionProvider` in a fresh process: the first CUDA session is built
+    before CUDA was probed, and the probe takes the same lock."""
+    import threading
+
+    reference, candidate = conv_bn(rng)
+    real_session = ort.InferenceSession
+
+    class FakeCudaSession:
+        def __init__(self, source, options, providers):
+            self._inner = real_session(source, options, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider"]
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    monkeypatch.setattr(ort, "InferenceSession", FakeCudaSession)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    verify_module._cuda_options.cache_clear()
+    try:
+        outcome = []
+        worker = threading.Thread(
+            target=lambda: outcome.append(verify(reference, candidate, providers=["CUDAExecutionProvider"]).passed),
+            daemon=True,
+        )
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "verify hung: the CUDA lock was taken twice"
+        assert outcome == [True]
+    finally:
+        verify_module._cuda_options.cache_clear()
