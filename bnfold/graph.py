@@ -372,8 +372,9 @@ class GraphIndex:
     def set_constant_input(self, node: onnx.NodeProto, position: int, value: np.ndarray, base: str) -> str:
         """Point input `position` of `node` at a fresh initializer holding `value`.
 
-        Always a new initializer: the old tensor may be shared with other nodes, which must not
-        see the change. The old input becomes an orphan candidate, dropped at finish() if unused.
+        A new initializer, since the old tensor may be shared with other nodes, which must not
+        see the change (the old input becomes an orphan candidate, dropped at finish() if
+        unused), unless `node` alone can see the old one (`_owned_by`): then it is overwritten.
         """
         old = node.input[position] if position < len(node.input) else ""
         if old and self._owned_by(old, node, value):
@@ -394,7 +395,7 @@ class GraphIndex:
         once, and that nothing else can see (no graph input or output, no subgraph, no lazy-load
         stub, no spill). Overwriting spares a new initializer and the old one's removal."""
         tensor = self.initializers.get(name)
-        if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL or name in self.inputs or name in self.outputs:
+        if tensor is None or tensor.data_location == _EXTERNAL or name in self.inputs or name in self.outputs:
             return False
         if tensor.data_type != _ONNX_DTYPES.get(value.dtype) or tuple(tensor.dims) != value.shape or self.model.spill is not None:
             return False
