@@ -370,7 +370,7 @@ class GraphIndex:
     # --- edits ---------------------------------------------------------------------------------
 
     def set_constant_input(self, node: onnx.NodeProto, position: int, value: np.ndarray, base: str) -> str:
-        """Point input `position` of `node` at a fresh initializer holding `value`.
+        """Point input `position` of `node` at an initializer holding `value`; returns its name.
 
         A new initializer, since the old tensor may be shared with other nodes, which must not
         see the change (the old input becomes an orphan candidate, dropped at finish() if
