@@ -15,7 +15,7 @@ import multiprocessing
 import pathlib
 from typing import Callable, Iterable
 
-from bnfold.errors import BnfoldError, UsageError, VerificationFailed, exit_code_of, printable
+from bnfold.errors import UsageError, VerificationFailed, describe, exit_code_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +66,8 @@ def fold_file_outcome(path: pathlib.Path, options: dict) -> FileOutcome:
             result = api.fold_file(path, **options)
     except Exception as err:  # noqa: BLE001 - a bad file, or a bug of ours, must not stop the others
         verification = err.verification if isinstance(err, VerificationFailed) else None
-        return FileOutcome(str(path), exit_code_of(err), error=_describe(err), verification=verification)
+        return FileOutcome(str(path), exit_code_of(err), error=describe(err), verification=verification)
     return FileOutcome(str(path), 0, result=dataclasses.replace(result, model=None))
-
-
-def _describe(err: Exception) -> str:
-    """The one-line error of a file (the CLI says the same of one model alone)."""
-    if isinstance(err, BnfoldError):
-        return printable(err)
-    if isinstance(err, MemoryError):
-        return "out of memory"
-    return f"internal error: {type(err).__name__}: {printable(err)}"
 
 
 def fold_files(

@@ -13,7 +13,7 @@ import warnings
 import click
 
 from bnfold import api, batch
-from bnfold.errors import BnfoldError, UsageError, VerificationFailed, exit_code_of, printable
+from bnfold.errors import BnfoldError, UsageError, VerificationFailed, describe, exit_code_of, printable
 from bnfold.progress import Progress
 
 EXIT_CODES = """\b
@@ -82,19 +82,16 @@ def _run_reporting_errors(action):
             click.echo(render_verification(err.verification), err=True)
         click.echo(f"bnfold: verification failed: {printable(err)}", err=True)
         sys.exit(exit_code_of(err))
-    except BnfoldError as err:
-        click.echo(f"bnfold: error: {printable(err)}", err=True)
+    except (BnfoldError, MemoryError) as err:  # out of memory: a size in the model asks too much
+        click.echo(f"bnfold: error: {describe(err)}", err=True)
         sys.exit(exit_code_of(err))
     except KeyboardInterrupt as err:
         click.echo("bnfold: interrupted", err=True)
         sys.exit(exit_code_of(err))
-    except MemoryError as err:  # a shape or size in the model asks for more than the machine has
-        click.echo(f"bnfold: error: out of memory{': ' + printable(err) if str(err) else ''}", err=True)
-        sys.exit(exit_code_of(err))
     except Exception as err:  # a bug of ours: still one line, unless the user asks for the trace
         if os.environ.get("BNFOLD_DEBUG"):
             raise
-        click.echo(f"bnfold: internal error: {type(err).__name__}: {printable(err)} (set BNFOLD_DEBUG=1 for the traceback)", err=True)
+        click.echo(f"bnfold: {describe(err)} (set BNFOLD_DEBUG=1 for the traceback)", err=True)
         sys.exit(exit_code_of(err))
 
 

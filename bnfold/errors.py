@@ -55,3 +55,14 @@ def exit_code_of(err: BaseException) -> int:
     if isinstance(err, KeyboardInterrupt):
         return 130
     return 2
+
+
+def describe(err: BaseException) -> str:
+    """The one-line text of an error, the same for one model alone and for one file of a batch:
+    a BnfoldError's message, "out of memory" (with what Python said, if anything), or an
+    internal error naming its type."""
+    if isinstance(err, BnfoldError):
+        return printable(err)
+    if isinstance(err, MemoryError):
+        return f"out of memory{': ' + printable(err) if str(err) else ''}"
+    return f"internal error: {type(err).__name__}: {printable(err)}"
