@@ -226,16 +226,14 @@ class GraphIndex:
         for node in self.nodes:
             for name in node.output:
                 producer[name] = node
-            for name in node.input:  # a node reading a name twice is listed once
+            reads = node.input
+            if _has_subgraph(node):
+                self.holders.append(node)
+                reads = [*reads, *(name for _, sub in _subgraphs(node) for name in _outer_names_read(sub))]
+            for name in reads:  # a node reading a name twice is listed once
                 users = consumers[name]
                 if not users or users[-1] is not node:
                     users.append(node)
-            if _has_subgraph(node):
-                self.holders.append(node)
-                for name in set().union(*(_outer_names_read(sub) for _, sub in _subgraphs(node))):
-                    users = consumers[name]
-                    if not users or users[-1] is not node:
-                        users.append(node)
         names.update(producer)
         producer.pop("", None)
         consumers.pop("", None)
