@@ -357,33 +357,36 @@ def _tools_in(results):
     return seen
 
 
-def render_time_matrix(results) -> str:
+def _render_matrix(results, title: str, columns: list[str], row_start, cell) -> str:
+    """One row per model, one column per tool: `row_start(model)` gives the cells under
+    `columns`, `cell(summary, model)` a tool's cell where it ran ("timeout"/"error" elsewhere)."""
     tools = _tools_in(results)
-    lines = ["Wall time, whole process, seconds (median of the runs; `timeout`/`error` as reported)", "",
-             "| model | MB | BN | " + " | ".join(tools) + " |", "|---|---:|---:|" + "---:|" * len(tools)]
+    lines = [title, "", f"| model | {' | '.join(columns)} | " + " | ".join(tools) + " |",
+             "|---|" + "---:|" * (len(columns) + len(tools))]
     for name in _model_order(results):
         m = results["models"][name]
         cells = []
         for tool in tools:
             s = summarise(m["runs"].get(tool, []))
-            cells.append(f"{s['wall_s']:.2f}" if s["status"] == "ok" else s["status"].split(" ")[0])
-        lines.append(f"| {name} | {m['info']['bytes'] / MB:.1f} | {m['info']['bn']} | " + " | ".join(cells) + " |")
+            cells.append(cell(s, m) if s["status"] == "ok" else s["status"].split(" ")[0])
+        lines.append(f"| {name} | " + " | ".join(row_start(m)) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def render_time_matrix(results) -> str:
+    return _render_matrix(
+        results, "Wall time, whole process, seconds (median of the runs; `timeout`/`error` as reported)",
+        ["MB", "BN"], lambda m: [f"{m['info']['bytes'] / MB:.1f}", str(m["info"]["bn"])],
+        lambda s, m: f"{s['wall_s']:.2f}",
+    )
 
 
 def render_rss_matrix(results) -> str:
-    tools = _tools_in(results)
-    lines = ["Peak RSS, MB (max over the runs), and as a multiple of the model's size on disk", "",
-             "| model | MB | " + " | ".join(tools) + " |", "|---|---:|" + "---:|" * len(tools)]
-    for name in _model_order(results):
-        m = results["models"][name]
-        size = m["info"]["bytes"] / MB
-        cells = []
-        for tool in tools:
-            s = summarise(m["runs"].get(tool, []))
-            cells.append(f"{s['peak_rss_mb']:.0f} ({s['peak_rss_mb'] / size:.2f}×)" if s["status"] == "ok" else s["status"].split(" ")[0])
-        lines.append(f"| {name} | {size:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _render_matrix(
+        results, "Peak RSS, MB (max over the runs), and as a multiple of the model's size on disk",
+        ["MB"], lambda m: [f"{m['info']['bytes'] / MB:.1f}"],
+        lambda s, m: f"{s['peak_rss_mb']:.0f} ({s['peak_rss_mb'] / (m['info']['bytes'] / MB):.2f}×)",
+    )
 
 
 def render_detail(results) -> str:
