@@ -203,3 +203,12 @@ def reads(monkeypatch):
     real = io.read_tensor
     monkeypatch.setattr(io, "read_tensor", lambda t, base_dir: (names.append(t.name), real(t, base_dir))[1])
     return names
+
+
+def hide_ranks(model: onnx.ModelProto) -> None:
+    """Make every rank downstream of input "x" unknown: the first node reads x through a Reshape
+    to a runtime shape (a new graph input), and the output's declared shape is dropped."""
+    model.graph.input.append(helper.make_tensor_value_info("shape", TensorProto.INT64, ["k"]))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "shape"], ["x2"], name="reshape_in"))
+    model.graph.node[1].input[0] = "x2"
+    model.graph.output[0].type.tensor_type.ClearField("shape")
