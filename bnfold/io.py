@@ -354,15 +354,16 @@ def _tensor_problem(tensor: onnx.TensorProto) -> str:
         return "is segmented (not supported)"
     if is_external(tensor):
         return ""  # sizes checked against the data file by _check_external_data
+    count = math.prod(dims)
     if data_type == onnx.TensorProto.STRING:
-        stored, expected, what = len(tensor.string_data), _element_count(tensor), "strings"
+        stored, expected, what = len(tensor.string_data), count, "strings"
     elif data_type not in _TYPED_FIELD:
         return ""
     elif tensor.HasField("raw_data"):
-        stored, expected, what = len(tensor.raw_data), _ITEMSIZE[data_type] * math.prod(dims), "bytes of data"
+        stored, expected, what = len(tensor.raw_data), _ITEMSIZE[data_type] * count, "bytes of data"
     else:
         field, per_element = _TYPED_FIELD[data_type]
-        stored, expected, what = len(getattr(tensor, field)), per_element * _element_count(tensor), f"values in {field}"
+        stored, expected, what = len(getattr(tensor, field)), per_element * count, f"values in {field}"
     if stored == expected:
         return ""
     return f"({_dtype_name(data_type)} {list(dims)}) holds {stored} {what}, expected {expected}"
