@@ -71,7 +71,7 @@ def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None, 
 
     `skip` maps (graph path, BN label) to the reason a BN is kept without trying any rule
     (folds that verification rolled back, see bnfold.rollback). `spill` (a lazy load's
-    bnfold.io.Spill) takes the big tensors the fold makes out of memory; the model then holds
+    bnfold.loading.Spill) takes the big tensors the fold makes out of memory; the model then holds
     stubs for them, and is only whole once saved with `io.stage_model(source=...)`.
     """
     started = time.perf_counter()
@@ -297,11 +297,7 @@ def fold_file(
     phase = on_phase or (lambda text: None)
     phase("loading")
     loaded = io.load_model(src, lazy=True)  # big weights stay on disk until a fold needs them
-    if in_place and dst is not None and pathlib.Path(dst).resolve() != loaded.path:
-        raise UsageError("--in-place and an output path are mutually exclusive")
-    target = loaded.path if in_place else pathlib.Path(dst) if dst else default_output_path(loaded.path)
-    if not in_place and target.resolve() == loaded.path:
-        raise UsageError(f"output {target} is the input; pass --in-place to overwrite it")
+    target = _output_destination(loaded, dst, in_place)
     phase("folding")
     settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol)
     reference = _prepared_once(loaded.path, settings) if verify else None
@@ -318,6 +314,24 @@ def fold_file(
     if isinstance(final, FoldResult):
         return final
     raise _failure(final, "even after rolling back the folds that failed alone")
+
+
+def _output_destination(loaded, dst, in_place: bool):
+    """Where the output goes, refused before any work when it cannot be written: the input
+    under another name (without in-place), a terminal, a socket, external data to a stream."""
+    from bnfold import io
+
+    if in_place:
+        if dst is not None and not io.same_file(io.classify_destination(dst), loaded.path):
+            raise UsageError("--in-place and an output path are mutually exclusive")
+        target = io.classify_destination(loaded.path)
+    else:
+        target = io.classify_destination(dst if dst is not None else default_output_path(loaded.path))
+        if io.same_file(target, loaded.path):
+            raise UsageError(f"output {target.given} and input {loaded.path} are the same file; pass --in-place to overwrite it")
+    if target.streamed and in_place:
+        raise UsageError(f"--in-place needs a regular file; {loaded.path} is not one")
+    return target
 
 
 def _stage_and_verify(result: FoldResult, loaded, target, reference, phase, early=None):

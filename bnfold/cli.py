@@ -106,7 +106,7 @@ def main():
 
 @main.command("fold", epilog=EXIT_CODES)
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
-@click.option("-o", "--output", type=click.Path(), help="Output path (default: MODEL.folded.onnx); one MODEL only.")
+@click.option("-o", "--output", type=click.Path(), help="Output path (default: MODEL.folded.onnx), or - for stdout; one MODEL only.")
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL (atomically) instead of writing a new file.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when verification fails, instead of rolling back the folds responsible.")
@@ -130,6 +130,8 @@ def fold_command(models, output, in_place, no_verify, strict, rules, standalone,
             verify=not no_verify, in_place=in_place, strict=strict, rules=parse_rules(rules), standalone=standalone,
             inputs=inputs, dims=parse_dims(dims), providers=list(providers) or None, rtol=rtol, atol=atol,
         )
+        if output == "-" and as_json:
+            raise UsageError("--json prints the report on stdout, where -o - writes the model; drop one of them")
         if len(models) == 1 and not os.path.isdir(models[0]):
             fold_single(models[0], output, options, as_json)
         elif output is not None:
@@ -223,7 +225,8 @@ def verify_command(reference, candidate, as_json, dims, inputs, rtol, atol, prov
 
 def render_fold(model, result, verified: bool) -> str:
     report = result.report
-    lines = [f"bnfold: {printable(model)} -> {printable(result.path)}"]
+    written = "<stdout>" if str(result.path) == "-" else printable(result.path)
+    lines = [f"bnfold: {printable(model)} -> {written}"]
     rules = ", ".join(f"{name} {count}" for name, count in report.rule_counts().items())
     lines.append(f"  BatchNormalization: {report.bn_before} -> {report.bn_after}" + (f" ({rules})" if rules else ""))
     for kept in report.kept:

@@ -12,6 +12,12 @@ def printable(value) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """A library's multi-line message (onnx's checker, numpy) folded into one line, cut at `limit`."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class BnfoldError(Exception):
     """Base of every error bnfold raises on bad input or a failed promise.
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import itertools
 import pathlib
-import sys
 from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from bnfold.tensors import ONNX_DTYPES, decode_tensor, encode_tensor, little_endian
 
 # Ops that are pure functions of their inputs and small enough to evaluate at fold time when all
 # their inputs are constant: what exporters use to build a bias (dynamo with optimize=False builds
@@ -94,7 +94,7 @@ class ModelIndex:
     def __init__(self, model: onnx.ModelProto, base_dir: str | pathlib.Path | None = None, spill=None):
         self.model = model
         self.base_dir = pathlib.Path(base_dir) if base_dir is not None else None
-        self.spill = spill  # bnfold.io.Spill: where big new tensors go (lazy loads), or None
+        self.spill = spill  # bnfold.loading.Spill: where big new tensors go (lazy loads), or None
         self.opsets = {_domain(o.domain): o.version for o in model.opset_import}
         self.names: set[str] = set()
         self._counter = itertools.count()
@@ -131,7 +131,7 @@ class ModelIndex:
                 return self.spill.read(tensor, spilled)
             if self.base_dir is None:
                 return None
-            from bnfold.io import read_tensor
+            from bnfold.external import read_tensor
 
             return read_tensor(tensor, self.base_dir)
         return decode_tensor(tensor)
@@ -395,7 +395,7 @@ class GraphIndex:
         tensor = self.initializers.get(name)
         if tensor is None or tensor.data_location == _EXTERNAL or name in self.inputs or name in self.outputs:
             return False
-        if tensor.data_type != _ONNX_DTYPES.get(value.dtype) or tuple(tensor.dims) != value.shape or self.model.spill is not None:
+        if tensor.data_type != ONNX_DTYPES.get(value.dtype) or tuple(tensor.dims) != value.shape or self.model.spill is not None:
             return False
         users = self.consumers.get(name, ())
         if len(users) != 1 or users[0] is not node or list(node.input).count(name) != 1:
@@ -416,9 +416,9 @@ class GraphIndex:
     def _add_initializer(self, value: np.ndarray, base: str) -> str:
         name = self.model.unique_name(base)
         spill, stub = self.model.spill, None
-        if spill is not None and value.nbytes >= spill.min_bytes and value.dtype in _ONNX_DTYPES:
-            header = onnx.TensorProto(name=name, data_type=_ONNX_DTYPES[value.dtype], dims=value.shape)
-            stub = spill.put(header, _little_endian(value))
+        if spill is not None and value.nbytes >= spill.min_bytes and value.dtype in ONNX_DTYPES:
+            header = onnx.TensorProto(name=name, data_type=ONNX_DTYPES[value.dtype], dims=value.shape)
+            stub = spill.put(header, little_endian(value))
         tensor = self.graph.initializer.add()
         if stub is not None:
             tensor.CopyFrom(stub)
@@ -607,54 +607,6 @@ def reads_only_metadata(node: onnx.NodeProto, value: str) -> bool:
     if node.op_type in ("Shape", "Size"):
         return True
     return node.op_type == "CastLike" and node.input[0] != value
-
-
-# Dtypes whose raw_data numpy reads as is (little-endian, one element per itemsize bytes); the
-# others (strings, bfloat16, float8, sub-byte ints, typed fields) go through numpy_helper.
-_RAW_DTYPES = {
-    onnx.TensorProto.FLOAT: np.dtype("<f4"),
-    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
-    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
-    onnx.TensorProto.INT64: np.dtype("<i8"),
-    onnx.TensorProto.INT32: np.dtype("<i4"),
-    onnx.TensorProto.INT16: np.dtype("<i2"),
-    onnx.TensorProto.INT8: np.dtype("i1"),
-    onnx.TensorProto.UINT8: np.dtype("u1"),
-    onnx.TensorProto.BOOL: np.dtype("?"),
-}
-_ONNX_DTYPES = {np.dtype(dtype.str[1:]): onnx_type for onnx_type, dtype in _RAW_DTYPES.items()}
-
-
-def decode_tensor(tensor: onnx.TensorProto) -> np.ndarray:
-    """An embedded tensor's value; raw bytes of common dtypes are viewed, not converted
-    (numpy_helper's round trip costs more than the fold itself on small tensors). Read-only."""
-    dtype = _RAW_DTYPES.get(tensor.data_type)
-    raw = tensor.raw_data if dtype is not None else b""
-    if not raw:  # typed fields, other dtypes, or an empty tensor
-        return numpy_helper.to_array(tensor)
-    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-
-
-def encode_tensor(value: np.ndarray, name: str, tensor: onnx.TensorProto) -> onnx.TensorProto:
-    """Fill the empty `tensor` with `value` as raw little-endian bytes."""
-    data_type = _ONNX_DTYPES.get(value.dtype)
-    if data_type is None:
-        tensor.CopyFrom(numpy_helper.from_array(value, name))
-        return tensor
-    tensor.name = name
-    tensor.data_type = data_type
-    tensor.dims.extend(value.shape)
-    tensor.raw_data = _little_endian(value).tobytes()
-    return tensor
-
-
-def _little_endian(value: np.ndarray) -> np.ndarray:
-    if _NATIVE_LITTLE and value.dtype.isnative:
-        return np.ascontiguousarray(value)
-    return np.ascontiguousarray(value, value.dtype.newbyteorder("<"))
-
-
-_NATIVE_LITTLE = sys.byteorder == "little"
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

@@ -197,11 +197,11 @@ def conv_bn_relu_chain(rng, blocks=3, channels=8, batch="batch", size=8) -> onnx
 def reads(monkeypatch):
     """Names of the tensors whose values were read from a file (external data or a lazy load's
     stubs), in order."""
-    from bnfold import io
+    from bnfold import external
 
     names = []
-    real = io.read_tensor
-    monkeypatch.setattr(io, "read_tensor", lambda t, base_dir: (names.append(t.name), real(t, base_dir))[1])
+    real = external.read_tensor
+    monkeypatch.setattr(external, "read_tensor", lambda t, base_dir: (names.append(t.name), real(t, base_dir))[1])
     return names
 
 

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import io
+from bnfold import io, staging
 from bnfold.errors import InvalidModel, WriteFailed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def test_io_in_place_other_data_name_keeps_input_data(tmp_path):
 
 
 def test_io_too_big_to_embed_saved_external(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "MAX_EMBEDDED", 1000)
+    monkeypatch.setattr(staging, "MAX_EMBEDDED", 1000)
     w = mlp_weights()
     dst = io.save_model(mlp_model(w), tmp_path / "m.onnx")
     assert io.load_model(dst).external_files == ("m.onnx.data",)
@@ -398,7 +398,7 @@ def test_io_write_failed_leaves_nothing(tmp_path, where, monkeypatch):
     if where == "unwritable" and os.geteuid() == 0:  # root writes anywhere: simulate the refusal
         def refuse(**kwargs):
             raise PermissionError(errno.EACCES, "Permission denied")
-        monkeypatch.setattr(io.tempfile, "mkdtemp", refuse)
+        monkeypatch.setattr(staging.tempfile, "mkdtemp", refuse)
     parent = {"missing_folder": tmp_path / "no" / "such", "folder_is_file": tmp_path / "f", "unwritable": tmp_path / "ro"}[where]
     if where == "folder_is_file":
         parent.write_bytes(b"")
@@ -416,7 +416,7 @@ def test_io_disk_full_cleans_temp_folder(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(WriteFailed, match="No space left"):
         io.save_model(loaded.model, tmp_path / "out.onnx", source=loaded)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "weights.bin"]
@@ -427,7 +427,7 @@ def test_io_disk_full_cleans_temp_folder(tmp_path, monkeypatch):
 KILLED_WRITER = textwrap.dedent("""
     import os, sys, time
     import numpy as np
-    from bnfold import io
+    from bnfold import io, staging
     from onnx import numpy_helper
     src, dst, pause = sys.argv[1:4]
     loaded = io.load_model(src)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import pathlib
 import threading
 import time
@@ -22,7 +23,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 import bnfold
-from bnfold import api, io
+from bnfold import api, external, io
 from bnfold.cli import main
 from bnfold.errors import UsageError, WriteFailed
 from tests.conftest import assert_same_outputs, bn_node, make_model, tensor, value_info
@@ -32,9 +33,9 @@ CHUNK = 256
 
 @pytest.fixture(autouse=True)
 def background(monkeypatch):
-    monkeypatch.setattr(io, "BACKGROUND_COPY_MIN", 0)
-    monkeypatch.setattr(io, "COPY_CHUNK", CHUNK)
-    monkeypatch.setattr(io, "SYNC_INTERVAL", 0.001)
+    monkeypatch.setattr(external, "BACKGROUND_COPY_MIN", 0)
+    monkeypatch.setattr(external, "COPY_CHUNK", CHUNK)
+    monkeypatch.setattr(external, "SYNC_INTERVAL", 0.001)
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def slow_copy(monkeypatch):
     """Each copy step takes 10 ms (a 17 KB file: about 0.7 s in all); `started` is set at the
     first step, `steps` counts them."""
     state = {"started": threading.Event(), "steps": 0}
-    real = io._copy_range
+    real = external.copy_range
 
     def step(*args):
         state["started"].set()
@@ -50,7 +51,7 @@ def slow_copy(monkeypatch):
         time.sleep(0.01)
         return real(*args)
 
-    monkeypatch.setattr(io, "_copy_range", step)
+    monkeypatch.setattr(external, "copy_range", step)
     return state
 
 
@@ -219,7 +220,7 @@ def test_copies_fold_user_error_mid_copy_exit_2_leaves_nothing(tmp_path, rng, mo
 def test_copies_disk_full_mid_copy_write_failed_leaves_nothing(tmp_path, rng, monkeypatch):
     src = save_external(mixed_chain(rng), tmp_path / "m.onnx")
     before = hashes(tmp_path)
-    real, steps = io._copy_range, []
+    real, steps = external.copy_range, []
 
     def filling(*args):
         steps.append(1)
@@ -227,7 +228,7 @@ def test_copies_disk_full_mid_copy_write_failed_leaves_nothing(tmp_path, rng, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args)
 
-    monkeypatch.setattr(io, "_copy_range", filling)
+    monkeypatch.setattr(external, "copy_range", filling)
     with pytest.raises(WriteFailed, match=r"cannot write .*out\.onnx: No space left on device$"):
         bnfold.fold_file(src, tmp_path / "out.onnx", verify=False)
     assert hashes(tmp_path) == before and copy_threads() == []
@@ -243,7 +244,7 @@ def test_copies_sync_fails_write_failed_leaves_nothing(tmp_path, rng, monkeypatc
     def broken(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(io.os, "fdatasync", broken)
+    monkeypatch.setattr(os, "fdatasync", broken)
     invoke_error([src, "-o", tmp_path / "out.onnx", "--no-verify"], "Input/output error")
     assert hashes(tmp_path) == before and copy_threads() == []
 
@@ -272,7 +273,7 @@ def test_copies_kernel_copy_refused_copied_by_hand_verifies(tmp_path, rng, monke
     def refused(*args):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(io.os, "copy_file_range", refused)
+    monkeypatch.setattr(os, "copy_file_range", refused)
     model = mixed_chain(rng)
     src = save_external(model, tmp_path / "m.onnx")
     data_in = (tmp_path / "m.onnx.data").read_bytes()

@@ -15,7 +15,7 @@ import pytest
 from onnx import helper
 
 import bnfold
-from bnfold import io
+from bnfold import io, loading
 from bnfold.errors import InvalidModel, WriteFailed
 from tests.conftest import assert_same_outputs, bn_node, make_model, tensor, value_info
 
@@ -23,8 +23,8 @@ from tests.conftest import assert_same_outputs, bn_node, make_model, tensor, val
 @pytest.fixture
 def lazy(monkeypatch):
     """Every file is 'large', every tensor of 256 bytes or more stays on disk until needed."""
-    monkeypatch.setattr(io, "LAZY_MIN_FILE", 0)
-    monkeypatch.setattr(io, "LAZY_MIN_TENSOR", 256)
+    monkeypatch.setattr(loading, "LAZY_MIN_FILE", 0)
+    monkeypatch.setattr(loading, "LAZY_MIN_TENSOR", 256)
 
 
 def conv_bn_conv(rng) -> onnx.ModelProto:

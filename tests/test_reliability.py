@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import bnfold
-from bnfold import io
+from bnfold import external, io, staging
 from bnfold.cli import main
 from conftest import bn_node, count_bn, make_model, tensor, value_info
 
@@ -469,7 +469,7 @@ def test_reliability_in_place_replaces_through_a_temporary_file(src, monkeypatch
     old = src.read_bytes()
     renames = []
     real_replace = os.replace
-    monkeypatch.setattr(io.os, "replace", lambda a, b: (renames.append((pathlib.Path(a), pathlib.Path(b))), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((pathlib.Path(a), pathlib.Path(b))), real_replace(a, b))[1])
     invoke([src, "--in-place"], 0)
     assert link.read_bytes() == old
     assert src.read_bytes() != old and count_bn(onnx.load(src)) == 0
@@ -507,13 +507,18 @@ def _fill_disk_after(monkeypatch, budget: int):
     byte budget; past it, writes fail with ENOSPC after writing what still fits."""
     left = [budget]
     real_open = open
-    monkeypatch.setattr(io, "open", lambda path, mode="r", *a, **k: _FullDisk(real_open(path, mode, *a, **k), left) if "w" in mode or "a" in mode else real_open(path, mode, *a, **k), raising=False)
+    def filling_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return _FullDisk(f, left) if "w" in mode or "a" in mode else f
+
+    for module in (staging, external):  # the modules that write model and data files
+        monkeypatch.setattr(module, "open", filling_open, raising=False)
 
     def copyfile(a, b):
         with real_open(a, "rb") as fa, _FullDisk(real_open(b, "wb"), left) as fb:
             fb.write(fa.read())
 
-    monkeypatch.setattr(io.shutil, "copyfile", copyfile)
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
 
 
 def _bytes_written(src: pathlib.Path, folder: pathlib.Path) -> int:
@@ -528,14 +533,17 @@ def _bytes_written(src: pathlib.Path, folder: pathlib.Path) -> int:
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6, 0.9, 0.999])
-@pytest.mark.parametrize("mode", ["default", "output", "in_place"])
+@pytest.mark.parametrize("mode", ["default", "output", "over_output", "in_place"])
 def test_reliability_disk_full_exit_2_input_intact_nothing_left(src, tmp_path, monkeypatch, mode, fraction):
     """The disk fills after `fraction` of what the fold writes: while copying the source's
-    data file, appending the folded weights, or writing the model."""
+    data file, appending the folded weights, or writing the model. A previous output stays."""
     budget = int(fraction * _bytes_written(src, tmp_path / "probe"))
+    if mode == "over_output":
+        (tmp_path / "o.onnx").write_bytes(b"a previous output")
     before = snapshot(tmp_path)
     _fill_disk_after(monkeypatch, budget)
-    args = {"default": [src], "output": [src, "-o", tmp_path / "o.onnx"], "in_place": [src, "--in-place"]}[mode]
+    output = [src, "-o", tmp_path / "o.onnx"]
+    args = {"default": [src], "output": output, "over_output": output, "in_place": [src, "--in-place"]}[mode]
     invoke_error(args, "No space left on device")
     assert snapshot(tmp_path) == before
 
@@ -554,7 +562,7 @@ def test_reliability_unwritable_destination_folder(src, tmp_path, monkeypatch):
     if os.geteuid() == 0:  # root writes anywhere: simulate the refusal
         def refuse(**kwargs):
             raise PermissionError(errno.EACCES, "Permission denied")
-        monkeypatch.setattr(io.tempfile, "mkdtemp", refuse)
+        monkeypatch.setattr(staging.tempfile, "mkdtemp", refuse)
     before = snapshot(tmp_path)
     invoke_error([src, "-o", folder / "o.onnx"], "Permission denied")
     invoke_error([src, "-o", tmp_path / "no" / "such" / "o.onnx"], "does not exist")
@@ -570,7 +578,7 @@ def test_reliability_model_rename_fails_leaves_no_data_file(src, tmp_path, monke
             raise OSError(errno.EIO, "Input/output error")
         return real_replace(a, b)
 
-    monkeypatch.setattr(io.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     before = snapshot(tmp_path)
     invoke_error([src, "-o", tmp_path / "o.onnx"], "Input/output error")
     assert snapshot(tmp_path) == before
@@ -611,7 +619,7 @@ def test_reliability_overwrite_other_output_removes_old_model_before_its_data(mo
             raise Killed  # the process dies here
         return real_replace(a, b)
 
-    monkeypatch.setattr(io.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(Killed):
         bnfold.fold_file(src_b, out)
     assert not out.exists(), "old model left reading the new data file"

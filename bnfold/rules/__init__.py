@@ -24,6 +24,15 @@ from bnfold.rules.through_shape import (
     BnThroughShapeIntoMatMulAdd,
 )
 
+BACKWARD_RULES = (
+    BnIntoNextConv(),
+    BnIntoNextGemm(),
+    BnIntoNextMatMul(),
+    BnThroughFlattenIntoGemm(),
+    BnThroughFlattenIntoMatMul(),
+    BnThroughShapeIntoNextGemm(),  # after the Flatten rules: they own a single Flatten/Reshape
+    BnThroughShapeIntoNextMatMul(),
+)
 FORWARD_RULES = (
     BnIntoConv(),
     BnIntoConvTranspose(),
@@ -35,16 +44,7 @@ FORWARD_RULES = (
     BnThroughShapeIntoGemm(),
     BnThroughShapeIntoMatMul(),
     BnThroughShapeIntoMatMulAdd(),
-    BnScaleThroughRelu(),  # defers to a backward rule that folds the BN entirely
-)
-BACKWARD_RULES = (
-    BnIntoNextConv(),
-    BnIntoNextGemm(),
-    BnIntoNextMatMul(),
-    BnThroughFlattenIntoGemm(),
-    BnThroughFlattenIntoMatMul(),
-    BnThroughShapeIntoNextGemm(),  # after the Flatten rules: they own a single Flatten/Reshape
-    BnThroughShapeIntoNextMatMul(),
+    BnScaleThroughRelu(defer_to=BACKWARD_RULES),  # a backward rule that folds the BN entirely is better
 )
 RULES = FORWARD_RULES + BACKWARD_RULES
 ALL_RULES = RULES + AFFINE_RULES

@@ -46,8 +46,14 @@ PRODUCER_RULES = {
 
 
 class BnScaleThroughRelu(ForwardRule):
+    """`defer_to`: the backward rules whose full fold is preferred to this one's (it leaves an
+    Add); given by the registry, which knows them, so that this module need not import it."""
+
     name = "bn_scale_through_relu"
     producer_ops = ACTIVATIONS
+
+    def __init__(self, defer_to=()):
+        self.defer_to = tuple(defer_to)
 
     def targets(self, bn: BatchNorm, graph) -> bool:
         return super().targets(bn, graph) and inner_producer(graph.producer[bn.x], graph) is not None
@@ -57,7 +63,7 @@ class BnScaleThroughRelu(ForwardRule):
         sole = check_sole_use(bn, graph, producer, activation.input[0], activation)
         if isinstance(sole, Kept):
             return sole
-        reason = positive_scale_reason(bn, activation, graph) or backward_preferred(bn, activation, graph)
+        reason = positive_scale_reason(bn, activation, graph) or backward_preferred(bn, activation, graph, self.defer_to)
         if reason:
             return reason
         plan = rule.plan(dataclasses.replace(bn, shift=np.zeros_like(bn.shift)), producer, graph)
@@ -90,11 +96,9 @@ def positive_scale_reason(bn: BatchNorm, activation, graph) -> Kept | None:
     )
 
 
-def backward_preferred(bn: BatchNorm, activation, graph) -> Kept | None:
+def backward_preferred(bn: BatchNorm, activation, graph, backward_rules) -> Kept | None:
     """Kept when a backward rule folds this BN entirely: better than leaving an Add."""
-    from bnfold.rules import BACKWARD_RULES  # the registry imports this module
-
-    rule = next((r for r in BACKWARD_RULES if r.targets(bn, graph)), None)
+    rule = next((r for r in backward_rules if r.targets(bn, graph)), None)
     if rule is None or isinstance(rule.match(bn, graph), Kept):
         return None
     where = f"{activation.op_type} '{node_label(activation)}'"

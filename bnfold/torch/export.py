@@ -3,7 +3,7 @@
 The proof runs the written ONNX file in onnxruntime with graph optimisations disabled (onnxruntime
 would otherwise fuse Conv+BN itself and hide what the file holds) on the caller's `args`, and
 compares every output with the unfolded module in eval mode. A file that fails is never left at
-`path`: it is written beside it, checked, and only then moved into place (bnfold.io staging).
+`path`: it is written beside it, checked, and only then moved into place (bnfold.staging).
 
 Exporter choice (torch 2.13): the default is the torch.export-based exporter (dynamo=True),
 torch's own default since 2.9; the TorchScript exporter (dynamo=False) is deprecated. They differ
@@ -28,7 +28,7 @@ import onnx
 import torch
 
 from bnfold.errors import BnfoldError, UsageError, VerificationFailed
-from bnfold.io import stage_model
+from bnfold.staging import stage_model
 from bnfold.report import SCHEMA_VERSION
 from bnfold.torch.fold import TorchFoldResult
 from bnfold.torch.fold import fold as fold_module
