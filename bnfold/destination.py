@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import shutil
 import stat
 import sys
 
@@ -136,10 +135,7 @@ def _write_node(destination: Destination, src) -> None:
     try:
         if os.isatty(fd):
             raise UsageError(f"refusing to write a binary model to the terminal {destination.path}")
-        while chunk := src.read(CHUNK):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
+        _copy_all(src, lambda view: os.write(fd, view))
         if stat.S_ISBLK(os.fstat(fd).st_mode):  # a disk: durable like a file; a char device has no such notion
             os.fsync(fd)
     finally:
@@ -150,11 +146,21 @@ def _write_stdout(src) -> None:
     sys.stdout.flush()  # whatever text went before stays before the model's bytes
     out = sys.stdout.buffer
     try:
-        shutil.copyfileobj(src, out, CHUNK)
+        _copy_all(src, out.write)
         out.flush()
     except BrokenPipeError:
         _detach_stdout()
         raise
+
+
+def _copy_all(src, write) -> None:
+    """Every byte of `src` through `write`, which may take fewer than it is given (a pipe whose
+    reader goes away mid-write: the next call then fails with EPIPE, as it must; a buffered
+    stream returns the short count instead of raising)."""
+    while chunk := src.read(CHUNK):
+        view = memoryview(chunk)
+        while view:
+            view = view[write(view):]
 
 
 def _detach_stdout() -> None:

@@ -18,6 +18,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+import bnfold
+from bnfold import destination
 from bnfold.cli import main
 from conftest import assert_same_outputs, conv_bn_relu_chain, count_bn
 from test_cli import digest, invoke
@@ -333,3 +335,65 @@ def test_destination_socket_refused(tmp_path, model):
         one_line(result.stderr)
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
     assert listing(tmp_path) == {"net.onnx", "sock"}
+
+
+def test_destination_stdout_reader_gone_fails_cleanly(tmp_path, rng):
+    """`bnfold m.onnx -o - | head -c 10`: the reader goes away part-way; one line, exit 2."""
+    onnx.save(conv_bn_relu_chain(rng, channels=64), tmp_path / "big.onnx")  # more than a pipe holds
+    with subprocess.Popen([bnfold_script(), "big.onnx", "-o", "-", "--no-verify"], cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert len(process.stdout.read(10)) == 10
+        process.stdout.close()
+        stderr = process.stderr.read().decode(errors="replace")
+        assert process.wait(timeout=300) == 2, stderr
+    report = [line for line in stderr.splitlines() if line.startswith("bnfold: error")]
+    assert report and "Broken pipe" in report[0] and "Traceback" not in stderr and "Exception ignored" not in stderr
+
+
+def test_destination_symlink_elsewhere_external_data_refused(tmp_path, rng):
+    """Data files go beside the target, but a loader looks beside the link: refused, not written."""
+    onnx.save(conv_bn_relu_chain(rng), tmp_path / "net.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, size_threshold=0, location="net.onnx.data")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.onnx").symlink_to(Path("real") / "target.onnx")
+    (tmp_path / "real" / "target.onnx").write_bytes(b"old bytes")
+    result = invoke([tmp_path / "net.onnx", "-o", tmp_path / "link.onnx"], 2)
+    assert "another folder" in one_line(result.stderr)
+    assert (tmp_path / "real" / "target.onnx").read_bytes() == b"old bytes"
+    assert listing(tmp_path / "real") == {"target.onnx"}
+
+
+def test_destination_api_stdout_and_device(tmp_path, model, rng, capsysbinary):
+    """The Python API takes the same destinations: "-" is stdout, a device is written into."""
+    result = bnfold.fold_file(tmp_path / "net.onnx", "-")
+    assert str(result.path) == "-"
+    assert_folded(capsysbinary.readouterr().out, model, rng)
+    null = scratch_device(tmp_path, "null", NULL_MINOR)
+    assert bnfold.fold_file(tmp_path / "net.onnx", null).path == null
+    assert_device(null, NULL_MINOR)
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda p: p, destination.REGULAR),
+    (lambda p: (p.write_bytes(b"x"), p)[1], destination.REGULAR),
+    (lambda p: (os.mkfifo(p), p)[1], destination.FIFO),
+    (lambda p: scratch_device(p.parent, p.name, NULL_MINOR), destination.DEVICE),
+])
+def test_destination_classify_kinds(tmp_path, make, kind):
+    path = make(tmp_path / "out.onnx")
+    found = destination.classify(path)
+    assert (found.kind, found.path, found.streamed) == (kind, path, kind != destination.REGULAR)
+    assert destination.classify("-").kind == destination.STDOUT  # stdout under pytest is no terminal
+
+
+def test_destination_classify_link_chain_resolves_to_final_target(tmp_path):
+    (tmp_path / "final.onnx").write_bytes(b"x")
+    (tmp_path / "middle.onnx").symlink_to("final.onnx")
+    (tmp_path / "first.onnx").symlink_to("middle.onnx")
+    found = destination.classify(tmp_path / "first.onnx")
+    assert (found.kind, found.path, found.given) == (destination.REGULAR, tmp_path / "final.onnx", tmp_path / "first.onnx")
+
+
+def test_destination_classify_missing_folder_refused(tmp_path):
+    with pytest.raises(bnfold.WriteFailed, match="does not exist"):
+        destination.classify(tmp_path / "nowhere" / "out.onnx")

@@ -1,4 +1,4 @@
-"""The background copy of big external data files (bnfold.io.DataCopies, started by
+"""The background copy of big external data files (bnfold.external.DataCopies, started by
 io.begin_staging while the fold runs): the output is right and the unchanged bytes are the
 input's, and a failure anywhere (in the fold, in the copy, in its sync) leaves no output, no
 temporary files, no thread running and the input as it was.
