@@ -14,6 +14,7 @@ from typing import Iterable
 
 import onnx
 
+from bnfold import initializer_inputs
 from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
 from bnfold.report import BATCHNORM, FoldReport, Folded, Kept
@@ -49,35 +50,59 @@ def is_batchnorm(node: onnx.NodeProto) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in DEFAULT_DOMAINS
 
 
-def fold(model: ModelLike, *, rules: Iterable[str] | None = None, base_dir=None, standalone: str = "keep") -> FoldResult:
+def fold(
+    model: ModelLike,
+    *,
+    rules: Iterable[str] | None = None,
+    base_dir=None,
+    standalone: str = "keep",
+    freeze_initializer_inputs: bool = False,
+    check_model: bool = False,
+) -> FoldResult:
     """Fold every BN that can be folded safely; the input model object is not modified.
 
     `model` is a ModelProto or a path. A ModelProto whose tensors live in external data needs
     `base_dir` (the folder the data locations are relative to) for the tensors a fold touches.
     `standalone="affine"` turns each BN no rule can fold into Mul + Add (bnfold.standalone).
+    `freeze_initializer_inputs`: initializers also listed as graph inputs (IR >= 4: defaults a
+    caller may override) are read as constants (bnfold.initializer_inputs). `check_model`: a
+    path is refused on any onnx.checker complaint, not only on those no engine tolerates.
     """
+    options = dict(rules=rules, standalone=standalone, freeze_initializer_inputs=freeze_initializer_inputs)
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return fold_model(copy, rules=rules, base_dir=base_dir, standalone=standalone)
+        return fold_model(copy, base_dir=base_dir, **options)
     from bnfold import io
 
-    loaded = io.load_model(model)
-    return fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone)
+    loaded = io.load_model(model, check_model=check_model)
+    return fold_model(loaded.model, base_dir=loaded.base_dir, warnings=loaded.warnings, **options)
 
 
-def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None, standalone: str = "keep", spill=None) -> FoldResult:
+def fold_model(
+    model: onnx.ModelProto,
+    *,
+    rules=None,
+    base_dir=None,
+    skip=None,
+    standalone: str = "keep",
+    spill=None,
+    freeze_initializer_inputs: bool = False,
+    warnings: tuple[str, ...] = (),
+) -> FoldResult:
     """Fold `model` in place (callers that must keep their input pass a copy).
 
     `skip` maps (graph path, BN label) to the reason a BN is kept without trying any rule
     (folds that verification rolled back, see bnfold.rollback). `spill` (a lazy load's
     bnfold.loading.Spill) takes the big tensors the fold makes out of memory; the model then holds
     stubs for them, and is only whole once saved with `io.stage_model(source=...)`.
+    `warnings`: what loading tolerated, carried into the report.
     """
     started = time.perf_counter()
     active = select_rules(rules)
     if standalone not in STANDALONE_MODES:
         raise UsageError(f"standalone must be one of {', '.join(STANDALONE_MODES)}, got {standalone!r}")
+    listing = initializer_inputs.take_out(model, freeze_initializer_inputs)
     with _gc_paused():
         index = ModelIndex(model, base_dir, spill)
         before = count_batchnorms(index)
@@ -89,6 +114,7 @@ def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None, 
             folded += graph_folded
             kept += graph_kept
         index.finish()
+    unlisted = initializer_inputs.put_back(model, listing)
     bn_folded = tuple(f for f in folded if f.ops == BATCHNORM)
     report = FoldReport(
         folded=bn_folded,
@@ -98,6 +124,10 @@ def fold_model(model: onnx.ModelProto, *, rules=None, base_dir=None, skip=None, 
         seconds=time.perf_counter() - started,
         affine_folded=tuple(f for f in folded if f.ops != BATCHNORM),
         affine_kept=tuple(k for k in kept if k.ops != BATCHNORM),
+        warnings=tuple(warnings),
+        constant_inputs=tuple(sorted(listing.backed)) if listing else (),
+        constant_inputs_reason=listing.reason if listing else "",
+        unlisted_inputs=unlisted,
     )
     return FoldResult(model, report)
 
@@ -277,6 +307,8 @@ def fold_file(
     atol=None,
     on_phase=None,
     standalone: str = "keep",
+    freeze_initializer_inputs: bool = False,
+    check_model: bool = False,
 ) -> FoldResult:
     """Fold the model file `src`, verify the written result against it, then move it into place.
 
@@ -285,7 +317,8 @@ def fold_file(
     (unless `in_place`, which still replaces it atomically). When verification fails, the
     folds responsible are found and undone (their BN kept with the reason, see bnfold.rollback)
     and the result verified again; `strict` makes a failure an error instead. `on_phase(text)`
-    is told what is being done (for a progress display).
+    is told what is being done (for a progress display). `freeze_initializer_inputs` and
+    `check_model` are as for `fold`.
 
     The written file (`result.path`) is the product. For model files of 32 MiB or more the
     weights are not read into memory: `result.model` then refers to unchanged weights in the
@@ -296,20 +329,21 @@ def fold_file(
 
     phase = on_phase or (lambda text: None)
     phase("loading")
-    loaded = io.load_model(src, lazy=True)  # big weights stay on disk until a fold needs them
+    loaded = io.load_model(src, lazy=True, check_model=check_model)  # big weights stay on disk until a fold needs them
     target = _output_destination(loaded, dst, in_place)
     phase("folding")
     settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol)
     reference = _prepared_once(loaded.path, settings) if verify else None
     with io.begin_staging(target, loaded) as early:  # big data files are copied while the fold runs
-        result = fold_model(loaded.model, rules=rules, base_dir=loaded.base_dir, standalone=standalone, spill=loaded.spill)
+        options = dict(rules=rules, standalone=standalone, freeze_initializer_inputs=freeze_initializer_inputs)
+        result = fold_model(loaded.model, base_dir=loaded.base_dir, spill=loaded.spill, warnings=loaded.warnings, **options)
         verification = _stage_and_verify(result, loaded, target, reference, phase, early)
     if isinstance(verification, FoldResult):
         return verification
     if strict:
         raise _failure(verification, "--strict: nothing rolled back")
     phase("verification failed: finding the folds responsible")
-    result = _roll_back(result, loaded, target, dict(rules=rules, standalone=standalone), verification, reference)
+    result = _roll_back(result, loaded, target, options, verification, reference)
     final = _stage_and_verify(result, loaded, target, reference, phase)
     if isinstance(final, FoldResult):
         return final
@@ -354,7 +388,7 @@ def _stage_and_verify(result: FoldResult, loaded, target, reference, phase, earl
 
 def _roll_back(result: FoldResult, loaded, target, options: dict, verification, reference) -> FoldResult:
     """Refold `loaded`'s file keeping the BN (and affine chains) whose folds fail verification
-    (bisection); `options` are fold_model's rules and standalone."""
+    (bisection); `options` are fold_model's rules, standalone and freeze_initializer_inputs."""
     from bnfold import io, rollback
 
     report = result.report
@@ -362,7 +396,7 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
 
     def refold(skip: dict) -> FoldResult:
         source = io.load_model(loaded.path, lazy=True)
-        return fold_model(source.model, base_dir=source.base_dir, skip=skip, spill=loaded.spill, **options)
+        return fold_model(source.model, base_dir=source.base_dir, skip=skip, spill=loaded.spill, warnings=loaded.warnings, **options)
 
     def trial(subset) -> tuple[bool, float]:
         chosen = set(subset)
@@ -408,6 +442,6 @@ def _failure(verification, why: str) -> VerificationFailed:
     return VerificationFailed(f"{what}; {why}; nothing written", verification)
 
 
-def check(model: ModelLike, *, rules=None) -> FoldReport:
+def check(model: ModelLike, *, rules=None, freeze_initializer_inputs: bool = False, check_model: bool = False) -> FoldReport:
     """Which BN a fold would remove (for CI): the report of a dry run, nothing written."""
-    return fold(model, rules=rules).report
+    return fold(model, rules=rules, freeze_initializer_inputs=freeze_initializer_inputs, check_model=check_model).report

@@ -61,6 +61,17 @@ def verify_options(f):
     return f
 
 
+CHECK_MODEL = click.option(
+    "--check-model", is_flag=True,
+    help="Refuse (exit 2) a model onnx.checker finds any fault in; by default a fault that onnxruntime tolerates is a warning.",
+)
+FREEZE_INPUTS = click.option(
+    "--freeze-initializer-inputs", "freeze_inputs", is_flag=True,
+    help="Read initializers also listed as graph inputs (IR >= 4: defaults a caller may override) as constants; "
+    "those the fold changes leave the input list. IR < 4 models always read them as constants.",
+)
+
+
 def run_guarded(action):
     """Run a command body; BnfoldError -> one line on stderr and its exit code, never a traceback.
 
@@ -117,8 +128,13 @@ def main():
 )
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel processes (several MODELs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
+@FREEZE_INPUTS
+@CHECK_MODEL
 @verify_options
-def fold_command(models, output, in_place, no_verify, strict, rules, standalone, jobs, as_json, dims, inputs, rtol, atol, providers):
+def fold_command(
+    models, output, in_place, no_verify, strict, rules, standalone, jobs, as_json, freeze_inputs, check_model,
+    dims, inputs, rtol, atol, providers,
+):
     """Fold, verify and write MODEL.folded.onnx (or -o OUTPUT).
 
     Several MODELs, or a directory (its .onnx files), are folded one by one (or -j N at a
@@ -129,6 +145,7 @@ def fold_command(models, output, in_place, no_verify, strict, rules, standalone,
         options = dict(
             verify=not no_verify, in_place=in_place, strict=strict, rules=parse_rules(rules), standalone=standalone,
             inputs=inputs, dims=parse_dims(dims), providers=list(providers) or None, rtol=rtol, atol=atol,
+            freeze_initializer_inputs=freeze_inputs, check_model=check_model,
         )
         if output == "-" and as_json:
             raise UsageError("--json prints the report on stdout, where -o - writes the model; drop one of them")
@@ -180,11 +197,15 @@ def render_outcome(outcome, verified: bool) -> str:
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("--rules", help="Comma-separated rule names to consider (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
-def check_command(model, rules, as_json):
+@FREEZE_INPUTS
+@CHECK_MODEL
+def check_command(model, rules, as_json, freeze_inputs, check_model):
     """Exit 1 if MODEL still carries BatchNormalization that bnfold could fold."""
 
     def action():
-        report = api.check(model, rules=parse_rules(rules))
+        report = api.check(model, rules=parse_rules(rules), freeze_initializer_inputs=freeze_inputs, check_model=check_model)
+        for line in render_load_notes(model, report):
+            click.echo(line, err=True)
         for folded in report.folded:
             click.echo(f"foldable: {printable(folded.graph + folded.bn)} into {printable(folded.into)} ({folded.rule})", err=True)
         for kept in report.kept:
@@ -201,8 +222,9 @@ def check_command(model, rules, as_json):
 @click.argument("reference", type=click.Path(dir_okay=True))
 @click.argument("candidate", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison on stdout.")
+@CHECK_MODEL
 @verify_options
-def verify_command(reference, candidate, as_json, dims, inputs, rtol, atol, providers):
+def verify_command(reference, candidate, as_json, check_model, dims, inputs, rtol, atol, providers):
     """Exit 1 if CANDIDATE's outputs differ from REFERENCE's beyond tolerance."""
 
     def action():
@@ -210,7 +232,9 @@ def verify_command(reference, candidate, as_json, dims, inputs, rtol, atol, prov
         from bnfold.verify import verify
 
         for path in (reference, candidate):
-            io.load_model(path)  # bad input -> one clear line, exit 2
+            loaded = io.load_model(path, check_model=check_model)  # bad input -> one clear line, exit 2
+            for warning in loaded.warnings:
+                click.echo(f"bnfold: warning: {printable(path)}: {printable(warning)}", err=True)
         result = verify(
             reference, candidate, inputs=inputs, dims=parse_dims(dims),
             providers=list(providers) or None, rtol=rtol, atol=atol,
@@ -223,10 +247,22 @@ def verify_command(reference, candidate, as_json, dims, inputs, rtol, atol, prov
     run_guarded(action)
 
 
+def render_load_notes(model, report) -> list[str]:
+    """One line per tolerated checker finding, and one for initializer inputs read as constants."""
+    lines = [f"bnfold: warning: {printable(model)}: {printable(warning)}" for warning in report.warnings]
+    if report.constant_inputs:
+        count = len(report.constant_inputs)
+        line = f"bnfold: {printable(model)}: {report.constant_inputs_reason}: {count} initializers listed as graph inputs read as constants"
+        if report.unlisted_inputs:
+            line += f"; no longer inputs (the fold changed them): {printable(', '.join(report.unlisted_inputs))}"
+        lines.append(line)
+    return lines
+
+
 def render_fold(model, result, verified: bool) -> str:
     report = result.report
     written = "<stdout>" if str(result.path) == "-" else printable(result.path)
-    lines = [f"bnfold: {printable(model)} -> {written}"]
+    lines = [*render_load_notes(model, report), f"bnfold: {printable(model)} -> {written}"]
     rules = ", ".join(f"{name} {count}" for name, count in report.rule_counts().items())
     lines.append(f"  BatchNormalization: {report.bn_before} -> {report.bn_after}" + (f" ({rules})" if rules else ""))
     for kept in report.kept:

@@ -266,6 +266,8 @@ class GraphIndex:
         node = self.producer.get(name)
         if node is not None:
             return f"{node.op_type} '{node_label(node)}'"
+        if name in self.inputs and name in self.initializers:
+            return f"graph input '{name}', an initializer a caller may override (--freeze-initializer-inputs folds it)"
         if name in self.inputs:
             return f"graph input '{name}'"
         if name in self.initializers:

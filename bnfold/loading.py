@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from bnfold import wire
-from bnfold.errors import InvalidModel, one_line
+from bnfold import findings, wire
+from bnfold.errors import InvalidModel
 from bnfold.external import check_external_data, pwrite_all
 from bnfold.tensors import decode_tensor, is_external, iter_tensors, tensor_problem
 
@@ -51,6 +51,7 @@ class LoadedModel:
     file_stamp: tuple[int, int] | None = None
     spill: Spill | None = None  # lazy loads: where the tensors a fold makes go (see Spill)
     stub_location: str | None = None  # lazy loads: the stubs' external data location
+    warnings: tuple[str, ...] = ()  # checker findings that do not stop a fold (bnfold.findings)
 
 
 class Spill:
@@ -96,12 +97,14 @@ class Spill:
         return self.file.fileno() if self.file is not None else None
 
 
-def load_model(path, *, lazy: bool = False) -> LoadedModel:
-    """Parse and check a model file; every problem a user can cause is one `InvalidModel` line.
+def load_model(path, *, lazy: bool = False, check_model: bool = False) -> LoadedModel:
+    """Parse and check a model file; every problem a user can cause is one `InvalidModel` line,
+    checker complaints that do not stop a fold are `warnings` (see bnfold.findings).
 
     `lazy` (for a caller that saves through `stage_model` with this as `source`): a large file's
     big embedded initializers are not read but become stubs, external data pointing into the
     model file itself, read when a fold needs them and copied byte for byte on saving.
+    `check_model`: every checker complaint is fatal (the strict gate).
     """
     path = pathlib.Path(path)
     # External data is relative to the folder of the path as given (as onnx and onnxruntime do),
@@ -111,9 +114,11 @@ def load_model(path, *, lazy: bool = False) -> LoadedModel:
     _check_is_model(model, path)
     external = _check_tensors(model, path)
     external_files = check_external_data(external, base_dir, path, stubs)
-    _run_checker(path, model if stubs else None, stubs)
+    warnings = findings.check_model(path, model, whole_file=not stubs, strict=check_model)
     spill = Spill(LAZY_MIN_TENSOR) if stubs else None
-    return LoadedModel(model, path.resolve(), base_dir, external_files, stubs, stamp, spill, path.name if stubs else None)
+    return LoadedModel(
+        model, path.resolve(), base_dir, external_files, stubs, stamp, spill, path.name if stubs else None, warnings
+    )
 
 
 def _read_model(path: pathlib.Path, base_dir: pathlib.Path, lazy: bool):
@@ -270,7 +275,6 @@ def _is_repeated(field) -> bool:
     return field.label == field.LABEL_REPEATED
 
 
-
 def _check_tensors(model: onnx.ModelProto, where) -> list[onnx.TensorProto]:
     """Every tensor's stored data fits its dtype and shape, checked from sizes alone (nothing is
     decoded): the checker lets a mismatch through, and decoding it later would crash. Returns
@@ -283,28 +287,3 @@ def _check_tensors(model: onnx.ModelProto, where) -> list[onnx.TensorProto]:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             external.append(tensor)
     return external
-
-
-
-def _run_checker(path: pathlib.Path, skeleton: onnx.ModelProto | None = None, stubs=None) -> None:
-    """Check by path: given a proto, the checker looks for external data in the current folder.
-
-    A lazy load's skeleton (no other external data) is checked as a proto instead of reading the
-    whole file again, its stubs emptied (zero elements): their sizes are checked by
-    `_check_stub`, everything else as usual.
-    """
-    target: object = str(path)
-    if skeleton is not None:
-        target = onnx.ModelProto()
-        target.CopyFrom(skeleton)
-        for tensor in target.graph.initializer:
-            if tensor.name in stubs:
-                del tensor.external_data[:], tensor.dims[:]
-                tensor.ClearField("data_location")
-                tensor.dims.append(0)
-    try:
-        onnx.checker.check_model(target)
-    except (onnx.checker.ValidationError, ValueError, OSError) as e:
-        raise InvalidModel(f"cannot load {path}: onnx checker: {one_line(str(e))}") from None
-
-

@@ -55,6 +55,12 @@ class FoldReport:
     seconds: float = 0.0
     affine_folded: tuple[Folded, ...] = ()  # BN written out as arithmetic, folded
     affine_kept: tuple[Kept, ...] = ()
+    warnings: tuple[str, ...] = ()  # what loading found and tolerated (bnfold.findings)
+    # initializers listed as graph inputs that the fold read as constants, and why ("IR 3 model",
+    # "--freeze-initializer-inputs"); the frozen ones it no longer lists (bnfold.initializer_inputs)
+    constant_inputs: tuple[str, ...] = ()
+    constant_inputs_reason: str = ""
+    unlisted_inputs: tuple[str, ...] = ()
 
     @property
     def modified(self) -> bool:
@@ -77,5 +83,11 @@ class FoldReport:
             "affine_rules": self.affine_rule_counts(),
             "affine_folded": [f.to_dict() for f in self.affine_folded],
             "affine_kept": [k.to_dict() for k in self.affine_kept],
+            "warnings": list(self.warnings),
+            "constant_inputs": {
+                "reason": self.constant_inputs_reason or None,
+                "names": list(self.constant_inputs),
+                "no_longer_inputs": list(self.unlisted_inputs),
+            },
             "seconds": round(self.seconds, 6),
         }

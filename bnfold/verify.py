@@ -445,6 +445,27 @@ def _run_ort(session, feeds: dict, which: str, provider: str) -> dict[str, np.nd
     return {name: _from_ortvalue(v) for name, v in zip(names, outputs)}
 
 
+def load_problem(path) -> str | None:
+    """Why no engine can load the model file at `path`, or None when one can: onnxruntime (CPU,
+    optimisations off), or onnx.reference where onnxruntime has no kernel for an op."""
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        ort.InferenceSession(os.fspath(path), _session_options(), providers=[CPU])
+        return None
+    except Exception as err:  # noqa: BLE001 - INVALID_GRAPH, NOT_IMPLEMENTED, FAIL, ...
+        refusal, no_kernel = _one_line(err), "NOT_IMPLEMENTED" in str(err)
+    status = refusal.split(" : ")[0] if " : " in refusal else refusal[:80]  # INVALID_GRAPH, FAIL, ...
+    if not no_kernel:
+        return f"onnxruntime refuses it too: {status}"
+    try:
+        ReferenceEvaluator(os.fspath(path), new_ops=[_reference_batchnorm()])
+        return None
+    except Exception:  # noqa: BLE001 - the evaluator raises anything from anywhere
+        return f"onnxruntime refuses it too: {status}; so does onnx.reference"
+
+
 def run_model(model, feeds: dict, providers=None, which: str = "model") -> tuple[str, dict, str]:
     """(engine, {provider: {output: array}}, note) for one model: onnxruntime with optimisations
     off on each provider, or onnx.reference when onnxruntime refuses the model (no kernel)."""
