@@ -99,4 +99,4 @@ def test_cuda_verification_disables_tf32():
     compares in full float32."""
     import importlib
 
-    assert importlib.import_module("bnfold.verify")._with_options(CUDA) == (CUDA, {"use_tf32": "0"})
+    assert importlib.import_module("bnfold.engines")._with_options(CUDA) == (CUDA, {"use_tf32": "0"})

@@ -132,11 +132,11 @@ def test_scaling_verify_one_session_per_model_and_provider_passes(rng, tmp_path,
 
     import onnxruntime as ort
 
-    verify = importlib.import_module("bnfold.verify")  # bnfold.verify is also the function's name
+    generation = importlib.import_module("bnfold.inputs")
     sessions, inputs = [], []
-    real_session, real_inputs = ort.InferenceSession, verify.generate_inputs
+    real_session, real_inputs = ort.InferenceSession, generation.generate_inputs
     monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: (sessions.append(1), real_session(*a, **k))[1])
-    monkeypatch.setattr(verify, "generate_inputs", lambda *a, **k: (inputs.append(1), real_inputs(*a, **k))[1])
+    monkeypatch.setattr(generation, "generate_inputs", lambda *a, **k: (inputs.append(1), real_inputs(*a, **k))[1])
     src = tmp_path / "m.onnx"
     src.write_bytes(conv_bn_relu_chain(rng, 3).SerializeToString())
     result = bnfold.fold_file(src, tmp_path / "out.onnx", providers=["CPUExecutionProvider"])

@@ -17,6 +17,7 @@ from bnfold.verify import available_providers, default_tolerance, generate_input
 
 # bnfold/__init__.py re-exports the function `verify`, which shadows the module's name.
 verify_module = importlib.import_module("bnfold.verify")
+from bnfold import engines, inputs as inputs_module  # noqa: E402
 
 EPS = 1e-5
 FLOAT = {np.float16: TensorProto.FLOAT16, np.float32: TensorProto.FLOAT, np.float64: TensorProto.DOUBLE}
@@ -329,7 +330,7 @@ def test_verify_candidate_run_time_error_has_no_dim_hint():
 def count_reference_work(monkeypatch, reference_source):
     """Count the sessions built from `reference_source`, their runs, and input generations."""
     counts = {"sessions": 0, "runs": 0, "inputs": 0}
-    real_session, real_inputs = ort.InferenceSession, verify_module.generate_inputs
+    real_session, real_inputs = ort.InferenceSession, inputs_module.generate_inputs
 
     def counted(key, function):
         def call(*args, **kwargs):
@@ -346,7 +347,7 @@ def count_reference_work(monkeypatch, reference_source):
         return built
 
     monkeypatch.setattr(ort, "InferenceSession", session)
-    monkeypatch.setattr(verify_module, "generate_inputs", counted("inputs", real_inputs))
+    monkeypatch.setattr(inputs_module, "generate_inputs", counted("inputs", real_inputs))
     return counts
 
 
@@ -374,13 +375,13 @@ def test_reference_fallback_engine_reference_evaluated_once(rng, monkeypatch):
     and the reference is evaluated there once, not once per candidate."""
     reference, candidate = conv_bn(rng, bn_opset=6, is_test=1)
     runs = []
-    real = verify_module._run_reference
+    real = engines.run_reference
 
     def run_reference(m, feeds, which):
         runs.append(which)
         return real(m, feeds, which)
 
-    monkeypatch.setattr(verify_module, "_run_reference", run_reference)
+    monkeypatch.setattr(engines, "run_reference", run_reference)
     with verify_module.Reference(reference) as prepared:
         results = [prepared.check(candidate) for _ in range(3)]
     assert all(r.passed and r.engine == "onnx.reference" for r in results), [r.to_dict() for r in results]
@@ -479,7 +480,7 @@ def test_verify_oversized_proto_goes_through_a_temporary_file(monkeypatch, rng):
     """Protos past protobuf's 2 GB limit are written out; the caller's proto stays untouched."""
     reference, candidate = conv_bn(rng)
     before = reference.SerializeToString()
-    monkeypatch.setattr(verify_module, "_MAX_PROTO_BYTES", 0)
+    monkeypatch.setattr(engines, "_MAX_PROTO_BYTES", 0)
     assert verify(reference, candidate).passed
     assert reference.SerializeToString() == before
 
@@ -531,7 +532,7 @@ def test_verify_cuda_work_serialised_across_threads(monkeypatch, rng):
 
     monkeypatch.setattr(ort, "InferenceSession", FakeCudaSession)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(verify_module, "_cuda_options", lambda: {})
+    monkeypatch.setattr(engines, "_cuda_options", lambda: {})
     results = []
 
     def job():
@@ -566,7 +567,7 @@ def test_verify_explicit_cuda_before_any_probe_does_not_deadlock(monkeypatch, rn
 
     monkeypatch.setattr(ort, "InferenceSession", FakeCudaSession)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    verify_module._cuda_options.cache_clear()
+    engines._cuda_options.cache_clear()
     try:
         outcome = []
         worker = threading.Thread(
@@ -578,4 +579,4 @@ def test_verify_explicit_cuda_before_any_probe_does_not_deadlock(monkeypatch, rn
         assert not worker.is_alive(), "verify hung: the CUDA lock was taken twice"
         assert outcome == [True]
     finally:
-        verify_module._cuda_options.cache_clear()
+        engines._cuda_options.cache_clear()
