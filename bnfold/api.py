@@ -19,7 +19,7 @@ from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
 from bnfold.report import BATCHNORM, FoldReport, Folded, Kept
 from bnfold.rules import ALL_RULES, RULE_NAMES, RULES
-from bnfold.rules.base import apply_plan, match_batchnorm, match_consumer, match_producer, no_consumer_reason
+from bnfold.rules.base import apply_plan, plan_site, match_batchnorm, match_consumer, match_producer, no_consumer_reason
 from bnfold.rules.decomposed import ChainFolder, prime_types
 from bnfold.standalone import MODES as STANDALONE_MODES, convert_kept
 
@@ -261,9 +261,9 @@ def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules, skip=None) -> Folde
     for direction in ("forward", "backward"):
         rule, result, candidate = _match_direction(bn, graph, rules, direction)
         if not isinstance(result, Kept):
-            label = bn.label  # before the edit: a BN turned into an Add would be named as the Add
+            label, site = bn.label, plan_site(result)  # before the edit: a BN turned into an Add would be named as the Add
             apply_plan(result, graph)
-            return Folded(label, node_label(result.into), rule.name, graph.path)
+            return Folded(label, node_label(result.into), rule.name, graph.path, site=site)
         attempts.append((result, candidate))
     (forward, has_producer), (backward, has_consumer) = attempts
     if has_producer and not has_consumer:

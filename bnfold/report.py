@@ -23,9 +23,14 @@ class Folded:
     rule: str  # the rule's name, e.g. "bn_into_conv"
     graph: str = ""  # "" for the main graph, else the path of the subgraph ("If_0/then_branch")
     ops: str = BATCHNORM  # what was folded: a BN, or an affine chain's op types ("Mul+Add")
+    # The fold site: the value that carried BN's output in the original and is now computed by
+    # the folded layer (forward), or the output of the layer that absorbed BN (backward). Both
+    # models name it alike, so verification compares it there (see bnfold.sites).
+    site: str = ""
 
     def to_dict(self) -> dict:
-        return {"bn": self.bn, "status": "folded", "into": self.into, "rule": self.rule, "graph": self.graph, **_ops(self.ops)}
+        site = {"site": self.site} if self.site else {}
+        return {"bn": self.bn, "status": "folded", "into": self.into, "rule": self.rule, "graph": self.graph, **site, **_ops(self.ops)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,7 @@ def convert(node: onnx.NodeProto, graph: GraphIndex, record: Kept) -> Folded | K
     if not (np.all(np.isfinite(scale.astype(np.float64))) and np.all(np.isfinite(shift.astype(np.float64)))):
         return Kept(record.bn, f"{record.reason}; standalone: scale or shift overflows {np.dtype(dtype).name}", graph.path)
     _replace(node, bn.x, scale, shift, graph)
-    return Folded(record.bn, node_label(node), RULE, graph.path)
+    return Folded(record.bn, node_label(node), RULE, graph.path, site=bn.y)
 
 
 def _affine_reason(x: str, graph: GraphIndex) -> str:

@@ -67,7 +67,7 @@ def test_cli_fold_json_on_stdout(model_path, tmp_path):
     data = json.loads(result.stdout)
     assert data["schema_version"] == 1
     assert data["bn_before"] == 2 and data["bn_after"] == 1
-    assert data["folded"][0] == {"bn": "bn1", "status": "folded", "into": "conv", "rule": "bn_into_conv", "graph": ""}
+    assert data["folded"][0] == {"bn": "bn1", "status": "folded", "into": "conv", "rule": "bn_into_conv", "graph": "", "site": "b1"}
     assert data["kept"][0]["bn"] == "bn2"
     assert data["verification"]["passed"] is True
     assert data["output"].endswith("o.onnx")

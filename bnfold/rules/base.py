@@ -154,6 +154,12 @@ def _all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
+def plan_site(plan: Plan) -> str:
+    """The value both models name alike that the fold changes how to compute (see Folded.site):
+    BN's output, or for a backward fold the output of the layer that absorbed it."""
+    return plan.into.output[0] if plan.backward else plan.bn.y
+
+
 def apply_plan(plan: Plan, graph: GraphIndex) -> None:
     """Mutate the graph: new constants in, BN out (or turned into Add), names preserved."""
     apply_new_tensors(plan, graph)

@@ -313,7 +313,7 @@ def test_affine_report_json_keeps_bn_schema(rng):
     assert (data["bn_before"], data["bn_after"], data["folded"], data["rules"]) == (0, 0, [], {})
     assert data["affine_rules"] == {"affine_into_conv": 1}
     assert data["affine_folded"] == [
-        {"bn": "op0", "status": "folded", "into": "conv", "rule": "affine_into_conv", "graph": "", "ops": "Sub+Div+Mul+Add"}
+        {"bn": "op0", "status": "folded", "into": "conv", "rule": "affine_into_conv", "graph": "", "site": "op3_out", "ops": "Sub+Div+Mul+Add"}
     ]
 
 
