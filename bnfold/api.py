@@ -14,7 +14,7 @@ from typing import Iterable
 
 import onnx
 
-from bnfold import initializer_inputs
+from bnfold import initializer_inputs, sites
 from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
 from bnfold.report import BATCHNORM, FoldReport, Folded, Kept
@@ -115,6 +115,8 @@ def fold_model(
             kept += graph_kept
         index.finish()
     unlisted = initializer_inputs.put_back(model, listing)
+    if folded:
+        sites.record(model, sites.from_report(FoldReport(folded=tuple(folded))))
     bn_folded = tuple(f for f in folded if f.ops == BATCHNORM)
     report = FoldReport(
         folded=bn_folded,
@@ -337,14 +339,15 @@ def fold_file(
     with io.begin_staging(target, loaded) as early:  # big data files are copied while the fold runs
         options = dict(rules=rules, standalone=standalone, freeze_initializer_inputs=freeze_initializer_inputs)
         result = fold_model(loaded.model, base_dir=loaded.base_dir, spill=loaded.spill, warnings=loaded.warnings, **options)
-        verification = _stage_and_verify(result, loaded, target, reference, phase, early)
+        check = _checker(reference, result.report) if reference is not None else None
+        verification = _stage_and_verify(result, loaded, target, check, phase, early, strict)
     if isinstance(verification, FoldResult):
         return verification
     if strict:
         raise _failure(verification, "--strict: nothing rolled back")
     phase("verification failed: finding the folds responsible")
-    result = _roll_back(result, loaded, target, options, verification, reference)
-    final = _stage_and_verify(result, loaded, target, reference, phase)
+    result = _roll_back(result, loaded, target, options, verification, check)
+    final = _stage_and_verify(result, loaded, target, check, phase, strict=strict)
     if isinstance(final, FoldResult):
         return final
     raise _failure(final, "even after rolling back the folds that failed alone")
@@ -368,25 +371,27 @@ def _output_destination(loaded, dst, in_place: bool):
     return target
 
 
-def _stage_and_verify(result: FoldResult, loaded, target, reference, phase, early=None):
-    """The committed FoldResult when the staged output verifies against `reference` (see
-    _prepared_once; None: verification off), else the failed Verification (nothing written).
-    `early`: io.begin_staging's, to write into."""
+def _stage_and_verify(result: FoldResult, loaded, target, check, phase, early=None, strict: bool = False):
+    """The committed FoldResult when the staged output verifies (`check`, see _checker; None:
+    verification off), else the failed Verification (nothing written). An inconclusive one is
+    committed, and said so, unless `strict`. `early`: io.begin_staging's, to write into."""
     from bnfold import io
 
     phase("writing")
     with io.stage_model(result.model, target, source=loaded, into=early) as staged:
         verification = None
-        if reference is not None and result.modified:
+        if check is not None and result.modified:
             phase("verifying")
-            verification = _verify_path(reference, staged.path)
+            verification = check(staged.path)
             if not verification.passed:
                 return verification
+            if strict and verification.inconclusive:
+                raise VerificationFailed(f"--strict: verification was inconclusive ({INCONCLUSIVE_HINT}); nothing written", verification)
         path = staged.commit()
     return dataclasses.replace(result, verification=verification, path=path)
 
 
-def _roll_back(result: FoldResult, loaded, target, options: dict, verification, reference) -> FoldResult:
+def _roll_back(result: FoldResult, loaded, target, options: dict, verification, check) -> FoldResult:
     """Refold `loaded`'s file keeping the BN (and affine chains) whose folds fail verification
     (bisection); `options` are fold_model's rules, standalone and freeze_initializer_inputs."""
     from bnfold import io, rollback
@@ -402,7 +407,7 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
         chosen = set(subset)
         skip = rollback.skip_map([*kept, *(f for f in folds if f not in chosen)])
         with io.stage_model(refold(skip).model, target, source=loaded) as staged:
-            outcome = _verify_path(reference, staged.path)
+            outcome = check(staged.path)
         return outcome.passed, _error(outcome)
 
     failing = rollback.find_failing_folds(folds, trial, _error(verification))
@@ -414,15 +419,22 @@ def _error(verification) -> float:
     return verification.max_abs_err() if verification.checks else float("inf")
 
 
-def _verify_path(reference, candidate):
-    """The Verification of `candidate` against the original; a candidate that no engine runs
-    is a failed one (to be rolled back)."""
+def _checker(reference, report: FoldReport):
+    """`check(path)`: the Verification of a candidate against the original, comparing the
+    graph outputs and the sites of `report`'s folds (the same for every rollback trial, so the
+    original's values are computed once). A candidate that no engine runs is a failed one."""
+    from bnfold import sites
     from bnfold.verify import Verification
 
-    try:
-        return reference().check(candidate)
-    except VerificationFailed as err:
-        return Verification(False, "onnxruntime", (), (), 0.0, note=str(err))
+    folded_at = sites.from_report(report)
+
+    def check(candidate) -> Verification:
+        try:
+            return reference().check(candidate, folded_at)
+        except VerificationFailed as err:
+            return Verification(False, "onnxruntime", (), (), 0.0, note=str(err))
+
+    return check
 
 
 def _prepared_once(path, settings: dict):
@@ -432,6 +444,12 @@ def _prepared_once(path, settings: dict):
     from bnfold.verify import Reference
 
     return functools.cache(lambda: Reference(path, **settings))
+
+
+INCONCLUSIVE_HINT = (
+    "nothing informative was compared: constant, non-finite or integer values only; "
+    "pass --dim NAME=SIZE or --inputs FILE.npz with inputs that exercise the model"
+)
 
 
 def _failure(verification, why: str) -> VerificationFailed:

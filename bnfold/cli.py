@@ -18,8 +18,8 @@ from bnfold.progress import Progress
 
 EXIT_CODES = """\b
 Exit codes:
-  0    success (folded and verified; check: nothing left to fold; verify: outputs match)
-  1    a check or verification failed
+  0    success (folded and verified; check: nothing left to fold; verify: outputs and sites match)
+  1    a check or verification failed (verify, --strict: also when inconclusive)
   2    bad input or usage (missing file, not ONNX, broken external data, bad option)
   130  interrupted"""
 
@@ -222,10 +222,15 @@ def check_command(model, rules, as_json, freeze_inputs, check_model):
 @click.argument("reference", type=click.Path(dir_okay=True))
 @click.argument("candidate", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison on stdout.")
+@click.option(
+    "--outputs-only", is_flag=True,
+    help="Compare the graph outputs only, not the fold sites CANDIDATE records (or the values both models name alike).",
+)
 @CHECK_MODEL
 @verify_options
-def verify_command(reference, candidate, as_json, check_model, dims, inputs, rtol, atol, providers):
-    """Exit 1 if CANDIDATE's outputs differ from REFERENCE's beyond tolerance."""
+def verify_command(reference, candidate, as_json, outputs_only, check_model, dims, inputs, rtol, atol, providers):
+    """Exit 1 if CANDIDATE differs from REFERENCE beyond tolerance, at a graph output or at a
+    fold site, or if nothing informative could be compared (inconclusive)."""
 
     def action():
         from bnfold import io
@@ -236,13 +241,13 @@ def verify_command(reference, candidate, as_json, check_model, dims, inputs, rto
             for warning in loaded.warnings:
                 click.echo(f"bnfold: warning: {printable(path)}: {printable(warning)}", err=True)
         result = verify(
-            reference, candidate, inputs=inputs, dims=parse_dims(dims),
+            reference, candidate, inputs=inputs, dims=parse_dims(dims), outputs_only=outputs_only,
             providers=list(providers) or None, rtol=rtol, atol=atol,
         )
         click.echo(render_verification(result), err=True)
         if as_json:
             click.echo(json.dumps(result.to_dict(), indent=2))
-        sys.exit(0 if result.passed else 1)
+        sys.exit(0 if result.status == "passed" else 1)
 
     run_guarded(action)
 
@@ -292,21 +297,43 @@ def render_affine(report) -> list[str]:
     return lines
 
 
+SHOWN_FAILURES = 5  # failing tensors listed per verification; the first in graph order come first
+
+
 def render_verification(verification, indent: str = "") -> str:
-    status = "passed" if verification.passed else "FAILED"
-    lines = [f"{indent}verification {status} ({verification.engine})"]
+    status = {"passed": "passed", "failed": "FAILED", "inconclusive": "INCONCLUSIVE"}[verification.status]
+    outputs, sites = verification.count("output"), verification.count("site")
+    compared = f"{outputs} output{'s' * (outputs != 1)}" + (f" and {sites} fold site{'s' * (sites != 1)}" if sites else "")
+    lines = [f"{indent}verification {status} ({verification.engine}): {compared} compared"]
     for provider in verification.providers:
         lines.append(
             f"{indent}  {printable(provider)}: max abs error {verification.max_abs_err(provider):.3g}, "
             f"max rel error {verification.max_rel_err(provider):.3g}"
         )
-    for check in verification.checks:
-        if not check.passed:
-            note = f" ({printable(check.note)})" if check.note else ""
-            lines.append(
-                f"{indent}  {printable(check.provider)} output '{printable(check.output)}' differs: "
-                f"max abs error {check.max_abs_err:.3g}{note}"
-            )
+    shadowed = [c for c in verification.checks if c.passed and c.bound != "dtype"]
+    if shadowed:
+        lines.append(
+            f"{indent}  {len(shadowed)} compared within the float64 shadow's bound: rounding, the original is as far "
+            f"from the exact answer (worst: candidate {max(c.shadow_cand_err for c in shadowed):.3g}, "
+            f"original {max(c.shadow_err for c in shadowed):.3g})"
+        )
+    failed = [c for c in verification.checks if not c.passed]
+    for check in failed[:SHOWN_FAILURES]:
+        lines.append(f"{indent}  {_describe_failure(check)}")
+    if len(failed) > SHOWN_FAILURES:
+        lines.append(f"{indent}  ... and {len(failed) - SHOWN_FAILURES} more differ")
+    if verification.inconclusive:
+        lines.append(f"{indent}  inconclusive: {api.INCONCLUSIVE_HINT}")
     if verification.note:
         lines.append(f"{indent}  note: {printable(verification.note)}")
     return "\n".join(lines)
+
+
+def _describe_failure(check) -> str:
+    what = f"site '{printable(check.output)}'" + (f" ({printable(check.fold)})" if check.fold else "") if check.kind == "site" else f"output '{printable(check.output)}'"
+    note = f" ({printable(check.note)})" if check.note else ""
+    bound = (
+        f"; float64 shadow: candidate {check.shadow_cand_err:.3g} from the exact answer, original {check.shadow_err:.3g}"
+        if check.shadow_err is not None else ""
+    )
+    return f"{printable(check.provider)} {what} differs: max abs error {check.max_abs_err:.3g}{note}{bound}"

@@ -30,9 +30,19 @@ def json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+OUTPUT, SITE = "output", "site"
+DTYPE_BOUND, SHADOW_BOUND = "dtype", "float64 shadow"
+# A failed float comparison is re-judged against the float64 shadow (the original evaluated in
+# float64, the exact answer to within float32 rounding): the candidate passes when it is no
+# further from it than SHADOW_FACTOR times the original's own float32 result, or than the dtype
+# bound. A correct fold of a deep net rounds about as much as the original; a wrong one does not.
+SHADOW_FACTOR = 4.0
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputCheck:
-    """One output of the two models compared on one provider."""
+    """One tensor of the two models compared on one provider: a graph output, or a fold site
+    (`kind`), with the fold made there (`fold`, e.g. "bn3 into conv3")."""
 
     provider: str
     output: str
@@ -43,11 +53,19 @@ class OutputCheck:
     atol: float
     passed: bool
     note: str = ""
+    kind: str = OUTPUT
+    fold: str = ""
+    # Evidence: a float tensor whose reference takes at least two finite values. A constant
+    # (all zeros, a saturated sigmoid), non-finite, integer or bool tensor proves no float fold.
+    informative: bool = True
+    bound: str = DTYPE_BOUND  # how the bound was set
+    shadow_err: float | None = None  # float64 shadow bound: the original's own error against it
+    shadow_cand_err: float | None = None  # ... and the candidate's
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out["max_abs_err"] = json_float(self.max_abs_err)
-        out["max_rel_err"] = json_float(self.max_rel_err)
+        for key in ("max_abs_err", "max_rel_err", "shadow_err", "shadow_cand_err"):
+            out[key] = json_float(out[key]) if out[key] is not None else None
         return out
 
 
@@ -78,7 +96,14 @@ def default_tolerance(dtype) -> tuple[float, float]:
 
 
 def mismatch(provider, name, dtype, note) -> OutputCheck:
-    return OutputCheck(provider, name, str(dtype), math.inf, math.inf, 0.0, 0.0, False, note)
+    return OutputCheck(provider, name, str(dtype), math.inf, math.inf, 0.0, 0.0, False, note, informative=False)
+
+
+def _informative(ref: np.ndarray) -> bool:
+    if not is_float(ref.dtype):
+        return False
+    finite = ref[np.isfinite(ref.astype(np.float64))]
+    return finite.size > 1 and bool(finite.min() != finite.max())
 
 
 def _float_errors(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float, str]:
@@ -117,7 +142,24 @@ def _compare_output(provider, name, ref, cand, rtol, atol) -> OutputCheck:
         abs_err, scale, tiny, note = float(delta.max(initial=0.0)), float(np.abs(ref).max(initial=0)), 1.0, ""
         passed = equal
     rel_err = abs_err / max(scale, tiny)
-    return OutputCheck(provider, name, str(ref.dtype), abs_err, rel_err, rtol, atol, passed, note)
+    return OutputCheck(provider, name, str(ref.dtype), abs_err, rel_err, rtol, atol, passed, note, informative=_informative(ref))
+
+
+def judge_by_shadow(check: OutputCheck, ref: np.ndarray, cand: np.ndarray, shadow: np.ndarray) -> OutputCheck:
+    """A float check that failed on magnitude alone, judged again against the float64 shadow
+    (see SHADOW_FACTOR); other checks, or a shadow of another shape, are returned as they are."""
+    if check.passed or check.note or not is_float(ref.dtype) or shadow.shape != ref.shape:
+        return check
+    exact = shadow.astype(np.float64)
+    finite = np.isfinite(exact) & np.isfinite(ref.astype(np.float64))
+    if not finite.any():
+        return check
+    ref_err = float(np.abs(ref.astype(np.float64)[finite] - exact[finite]).max())
+    cand_err = float(np.abs(cand.astype(np.float64)[finite] - exact[finite]).max())
+    bound = max(SHADOW_FACTOR * ref_err, check.atol + check.rtol * float(np.abs(exact[finite]).max()))
+    return dataclasses.replace(
+        check, passed=cand_err <= bound, bound=SHADOW_BOUND, shadow_err=ref_err, shadow_cand_err=cand_err
+    )
 
 
 def compare_all(provider, ref_out: dict, cand_out: dict, rtol, atol) -> list[OutputCheck]:

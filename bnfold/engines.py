@@ -10,6 +10,7 @@ onnxruntime is imported inside the functions that need it, so `import bnfold` st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -118,19 +119,46 @@ def error_line(err: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def ort_source(model, stack: contextlib.ExitStack):
+@dataclasses.dataclass(frozen=True)
+class OrtSource:
+    """What onnxruntime builds a session from: a path, or serialised bytes whose external data
+    (if any) lies in `data_folder`."""
+
+    model: str | bytes
+    data_folder: str | None = None
+
+
+def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """`model` (edited in place) also outputs the values `names`, their types left to the engine."""
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in present)
+    return model
+
+
+def ort_source(model, stack: contextlib.ExitStack, outputs=()) -> OrtSource:
     """A path stays a path (external data, >2 GB); a proto is serialised, or written to a
-    temporary folder when protobuf cannot serialise it in one piece."""
+    temporary folder when protobuf cannot serialise it in one piece. With `outputs` (values to
+    fetch besides the graph outputs) a path's graph is read without its external data and
+    serialised, its data found in the path's folder."""
+    folder = None
+    if outputs and not isinstance(model, onnx.ModelProto):
+        path = os.fspath(model)
+        model = with_outputs(onnx.load(path, load_external_data=False), outputs)
+        folder = os.path.dirname(os.path.abspath(path))
+    elif outputs:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = with_outputs(copy, outputs)
     if not isinstance(model, onnx.ModelProto):
-        return os.fspath(model)
+        return OrtSource(os.fspath(model))
     if model.ByteSize() <= _MAX_PROTO_BYTES:
-        return model.SerializeToString()
-    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
-    path = os.path.join(folder, "model.onnx")
+        return OrtSource(model.SerializeToString(), folder)
+    temporary = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
+    path = os.path.join(temporary, "model.onnx")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # onnx.save moves tensors out of the proto it is given
     onnx.save(copy, path, save_as_external_data=True, location="model.onnx.data")
-    return path
+    return OrtSource(path)
 
 
 class Refused(Exception):
@@ -148,13 +176,16 @@ def _provider_lock(provider: str):
     return _CUDA_LOCK if provider == CUDA else contextlib.nullcontext()
 
 
-def ort_session(source, provider: str, which: str):
+def ort_session(source: OrtSource, provider: str, which: str):
     import onnxruntime as ort
 
     providers = [_with_options(provider)]  # may probe CUDA once (under the lock itself)
+    options = _session_options()
+    if source.data_folder is not None:  # bytes read from a file: its external data is beside that file
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", source.data_folder)
     try:
         with _provider_lock(provider):
-            session = ort.InferenceSession(source, _session_options(), providers=providers)
+            session = ort.InferenceSession(source.model, options, providers=providers)
     except Exception as err:  # noqa: BLE001 - NOT_IMPLEMENTED, INVALID_GRAPH, FAIL, ...
         raise Refused(f"onnxruntime refused the {which} model: {error_line(err)}") from None
     if provider not in session.get_providers():
@@ -294,11 +325,19 @@ def _batchnorm_training(x, scale, bias, mean, var, eps, momentum, opset):
     return (y, running_mean, running_var) + saved
 
 
-def run_reference(model, feeds: dict, which: str) -> dict[str, np.ndarray]:
+def run_reference(model, feeds: dict, which: str, outputs=()) -> dict[str, np.ndarray]:
+    """The model's outputs (and the values `outputs`) computed by onnx.reference."""
     from onnx.reference import ReferenceEvaluator
 
     try:
         source = model if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        if outputs:
+            copy = onnx.ModelProto()
+            if isinstance(source, onnx.ModelProto):
+                copy.CopyFrom(source)
+            else:
+                copy = onnx.load(source)
+            source = with_outputs(copy, outputs)
         evaluator = ReferenceEvaluator(source, new_ops=[_reference_batchnorm()])
         wanted = set(evaluator.input_names)
         outputs = evaluator.run(None, {k: v for k, v in feeds.items() if k in wanted})

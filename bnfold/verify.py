@@ -9,18 +9,34 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import time
 
 import numpy as np
 
-from bnfold import engines
+import onnx
+
+from bnfold import engines, shadow
 from bnfold import inputs as model_inputs
-from bnfold.compare import OutputCheck, compare_all, compare_outputs, default_tolerance, json_float
+from bnfold import sites as site_names
+from bnfold.compare import OUTPUT, SITE, OutputCheck, compare_all, compare_outputs, default_tolerance, judge_by_shadow, json_float
 from bnfold.engines import CPU, CUDA, REFERENCE, available_providers, load_problem, run_model
+
+PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
+# Fold sites are fetched in groups of about this many bytes (the reference's values, once more
+# for the candidate's): never every intermediate of a large model at once. A group is a session
+# per model; the first group's size is guessed from the inputs, the next ones from what came back.
+SITE_GROUP_BYTES = 2**28
+CACHED_REFERENCE_BYTES = 2**28  # the reference's values kept for the next candidate (rollback trials)
+_UNSET = object()
+
 
 @dataclasses.dataclass(frozen=True)
 class Verification:
-    """Outcome of one comparison; ``seconds`` counts session building and runs only."""
+    """Outcome of one comparison; ``seconds`` counts session building and runs only.
+
+    `passed`: no compared tensor differs beyond its bound. `status` adds whether that proves
+    anything: "inconclusive" when no informative tensor was compared (see OutputCheck)."""
 
     passed: bool
     engine: str  # "onnxruntime" | "onnx.reference"
@@ -28,6 +44,20 @@ class Verification:
     checks: tuple[OutputCheck, ...]
     seconds: float
     note: str = ""
+
+    @property
+    def status(self) -> str:
+        if not self.passed:
+            return FAILED
+        return PASSED if any(c.informative for c in self.checks) else INCONCLUSIVE
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.status == INCONCLUSIVE
+
+    def count(self, kind: str) -> int:
+        """Distinct tensors of `kind` (OUTPUT or SITE) compared."""
+        return len({c.output for c in self.checks if c.kind == kind})
 
     def _checks(self, provider):
         return [c for c in self.checks if provider is None or c.provider == provider]
@@ -41,8 +71,11 @@ class Verification:
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
+            "status": self.status,
             "engine": self.engine,
             "providers": list(self.providers),
+            "outputs_compared": self.count(OUTPUT),
+            "sites_compared": self.count(SITE),
             "max_abs_err": json_float(self.max_abs_err()),
             "max_rel_err": json_float(self.max_rel_err()),
             "seconds": float(self.seconds),
@@ -51,17 +84,14 @@ class Verification:
         }
 
 
-
 # ---------------------------------------------------------------- entry point
 
 
 class Reference:
     """The reference side of verification, prepared once for any number of candidates (the
-    rollback trials of one fold): its inputs are generated once, and it is run once per
-    provider, its session built once; `check` then builds and runs only the candidate.
-
-    Its graph is read at once, the rest done on the first `check`, in the order `verify` has
-    always used, so ``verify(ref, cand, **settings)`` is ``Reference(ref, **settings).check(cand)``.
+    rollback trials of one fold): its inputs are generated once, and its values are computed
+    once per provider and kept (within CACHED_REFERENCE_BYTES); `check` then builds and runs
+    only the candidate. ``verify(ref, cand, **settings)`` is ``Reference(ref, **settings).check(cand)``.
     `close()` (or ``with``) removes the temporary copy a model of 2 GiB or more needs.
     """
 
@@ -71,10 +101,10 @@ class Reference:
         self._settings = {"inputs": inputs, "dims": dims, "seed": seed, "providers": providers}
         self.rtol, self.atol = rtol, atol
         self._stack = contextlib.ExitStack()
-        self._source = None  # what onnxruntime builds the reference's sessions from
-        self._sessions: dict = {}  # provider -> session whose outputs are not known yet
-        self._outputs: dict = {}  # provider (or REFERENCE) -> the reference's outputs
+        self._values: dict[tuple, dict] = {}  # (provider or REFERENCE, fetched sites) -> the reference's values
+        self._cached_bytes = 0
         self._refusal: engines.Refused | None = None  # onnxruntime cannot build the reference's session
+        self._shadow = _UNSET  # the float64 shadow (bnfold.shadow), made when first needed; None: none
 
     def __enter__(self) -> "Reference":
         return self
@@ -83,21 +113,24 @@ class Reference:
         self.close()
 
     def close(self) -> None:
-        self._sessions.clear()
-        self._source = None
+        self._values.clear()
         self._stack.close()
 
     @functools.cached_property
     def feeds(self) -> dict[str, np.ndarray]:
         inputs, dims, seed = self._settings["inputs"], self._settings["dims"], self._settings["seed"]
-        return model_inputs.generate_inputs(self.graph, dims, seed) if inputs is None else model_inputs.given_inputs(self.graph, inputs)
+        if inputs is not None:
+            return model_inputs.given_inputs(self.graph, inputs)
+        return model_inputs.generate_inputs(self.graph, dims, seed)
 
     @functools.cached_property
     def providers(self) -> list[str]:
         return engines.check_providers(self._settings["providers"])
 
-    def check(self, candidate) -> Verification:
-        """Run `candidate` on the reference's inputs and compare every output on every provider.
+    def check(self, candidate, sites: dict[str, str] | None = None) -> Verification:
+        """Run `candidate` on the reference's inputs and compare every graph output and fold
+        site on every provider. `sites` maps site -> the fold made there; None: the sites the
+        candidate records (bnfold.sites), else the values both name alike; {}: outputs only.
 
         A mismatch is a failed Verification, not an exception; VerificationFailed means no
         engine could run the candidate. Bad inputs, dims or providers raise UsageError."""
@@ -107,67 +140,120 @@ class Reference:
         if extra:  # a candidate that needs an input the reference lacks cannot run
             note = f"the candidate has inputs the reference lacks: {', '.join(extra)}"
             return Verification(False, "onnxruntime", tuple(providers), (), 0.0, note)
+        if sites is None:
+            sites = site_names.recorded(cand_graph) or site_names.alike(self.graph, cand_graph)
+        wanted = site_names.comparable(sites, self.graph, cand_graph)
         start = time.perf_counter()  # counts the reference's share too when it runs now
-        engine, outputs, note = self._run(candidate)
+        checks, engine, used, note = [], "onnxruntime", (), ""
+        for group, first in self._groups(list(wanted)):
+            engine, values, note = self._run(candidate, group)
+            used = tuple(values)
+            for provider, (ref, cand) in values.items():
+                checks += self._judge(provider, ref, cand, {name: wanted[name] for name in group}, first)
+            if group:  # how big a site really is: the next group is sized by it
+                self._site_bytes = max(getattr(values[used[0]][0].get(name), "nbytes", 1) for name in group)
         seconds = time.perf_counter() - start
-        checks = tuple(c for p, (ref, cand) in outputs.items() for c in compare_all(p, ref, cand, self.rtol, self.atol))
-        return Verification(all(c.passed for c in checks), engine, tuple(outputs), checks, seconds, note)
+        return Verification(all(c.passed for c in checks), engine, used, tuple(checks), seconds, note)
 
-    def _run(self, candidate) -> tuple[str, dict, str]:
-        """(engine, {provider: (ref_out, cand_out)}, note): onnxruntime, else onnx.reference."""
+    def _groups(self, names: list[str]):
+        """(sites, first) groups: the first with the graph outputs; each of about SITE_GROUP_BYTES."""
+        self._site_bytes = max(1, 8 * sum(a.nbytes for a in self.feeds.values()))  # a guess until measured
+        done, first = 0, True
+        while first or done < len(names):
+            count = max(1, SITE_GROUP_BYTES // max(self._site_bytes, 1))
+            group = tuple(names[done:done + count])
+            yield group, first
+            done, first = done + len(group), False
+
+    def _judge(self, provider: str, ref: dict, cand: dict, group: dict[str, str], first: bool) -> list[OutputCheck]:
+        """Compare; a float tensor that fails on magnitude alone is judged again against the
+        float64 shadow. Later groups compare their sites only."""
+        if not first:
+            ref, cand = ({n: v for n, v in values.items() if n in group} for values in (ref, cand))
+        checks = compare_all(provider, ref, cand, self.rtol, self.atol)
+        checks = [dataclasses.replace(c, kind=SITE, fold=group[c.output]) if c.output in group else c for c in checks]
+        failed = [c.output for c in checks if not c.passed and not c.note and c.output in ref and c.output in cand]
+        explicit = self.rtol is not None or self.atol is not None  # the user's own bound stands as given
+        exact = self._shadow_values(failed) if failed and not explicit else {}
+        return [
+            judge_by_shadow(c, ref[c.output], cand[c.output], exact[c.output]) if c.output in exact else c
+            for c in checks
+        ]
+
+    def _run(self, candidate, group: tuple) -> tuple[str, dict, str]:
+        """(engine, {provider: (ref values, cand values)}, note): onnxruntime, else onnx.reference."""
         with contextlib.ExitStack() as stack:
             try:
-                return "onnxruntime", self._run_ort(engines.ort_source(candidate, stack)), ""
+                source = engines.ort_source(candidate, stack, group)
+                return "onnxruntime", {p: self._run_ort(source, p, group) for p in self.providers}, ""
             except engines.Refused as refusal:
                 note = f"{refusal}; verified with onnx.reference"
-        if REFERENCE not in self._outputs:
-            self._outputs[REFERENCE] = engines.run_reference(self.model, self.feeds, "reference")
-        outputs = (self._outputs[REFERENCE], engines.run_reference(candidate, self.feeds, "candidate"))
-        return REFERENCE, {REFERENCE: outputs}, note
+        key = (REFERENCE, group)
+        ref = self._values.get(key)
+        if ref is None:
+            ref = self._keep(key, engines.run_reference(self.model, self.feeds, "reference", group))
+        return REFERENCE, {REFERENCE: (ref, engines.run_reference(candidate, self.feeds, "candidate", group))}, note
 
-    def _run_ort(self, source) -> dict[str, tuple[dict, dict]]:
-        """Build every session first (a refusal sends both models to onnx.reference), then run."""
-        candidates = {p: (self._prepare(p), engines.ort_session(source, p, "candidate")) for p in self.providers}
-        return {
-            p: (self._ort_outputs(p), engines.run_ort(session, self.feeds, "candidate", p))
-            for p, (_, session) in candidates.items()
-        }
+    def _run_ort(self, source, provider: str, group: tuple) -> tuple[dict, dict]:
+        ref = self._reference_ort(provider, group)  # first: its refusal sends both to onnx.reference
+        session = engines.ort_session(source, provider, "candidate")
+        return ref, engines.run_ort(session, self.feeds, "candidate", provider)
 
-    def _prepare(self, provider: str) -> None:
-        """Make sure the reference's outputs on `provider` can be had: its session, built once."""
+    def _reference_ort(self, provider: str, group: tuple) -> dict[str, np.ndarray]:
+        """The reference's values on `provider`: computed once, kept if small enough."""
+        key = (provider, group)
+        if key in self._values:
+            return self._values[key]
         if self._refusal is not None:
             raise self._refusal
-        if provider in self._outputs or provider in self._sessions:
-            return
-        if self._source is None:
-            self._source = engines.ort_source(self.model, self._stack)
         try:
-            self._sessions[provider] = engines.ort_session(self._source, provider, "reference")
+            session = engines.ort_session(engines.ort_source(self.model, self._stack, group), provider, "reference")
         except engines.Refused as refusal:
             self._refusal = refusal
             raise
+        return self._keep(key, engines.run_ort(session, self.feeds, "reference", provider))
 
-    def _ort_outputs(self, provider: str) -> dict[str, np.ndarray]:
-        """The reference's outputs on `provider`, run once; its session is not needed after."""
-        if provider not in self._outputs:
-            self._outputs[provider] = engines.run_ort(self._sessions[provider], self.feeds, "reference", provider)
-            del self._sessions[provider]
-            if not self._sessions:  # run on every provider: a serialised model is not needed again
-                self._source = None
-        return self._outputs[provider]
+    def _keep(self, key: tuple, values: dict) -> dict:
+        size = sum(v.nbytes for v in values.values())
+        if not key[1] or self._cached_bytes + size <= CACHED_REFERENCE_BYTES:  # the outputs always
+            self._values[key] = values
+            self._cached_bytes += size
+        return values
+
+    def _shadow_values(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The float64 shadow's values of `names` (bnfold.shadow); {} when there is none."""
+        if self._shadow is _UNSET:
+            self._shadow = _make_shadow(self.model)
+        if self._shadow is None:
+            return {}
+        model = onnx.ModelProto()
+        model.CopyFrom(self._shadow)
+        try:
+            _, values, _ = engines.run_model(engines.with_outputs(model, names), shadow.promote_feeds(self.feeds), [CPU], "shadow")
+        except Exception:  # noqa: BLE001 - no engine runs the shadow: the plain bound stands
+            return {}
+        return {name: value for name, value in next(iter(values.values())).items() if name in names}
+
+
+def _make_shadow(model) -> onnx.ModelProto | None:
+    try:
+        whole = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
+        return shadow.promote(whole)
+    except Exception:  # noqa: BLE001 - weights that cannot be read or promoted: no shadow
+        return None
 
 
 def verify(reference, candidate, *, inputs=None, dims=None, providers=None,
-           rtol=None, atol=None, seed=0) -> Verification:
-    """Run both models on the same inputs and compare every output on every provider.
+           rtol=None, atol=None, seed=0, sites=None, outputs_only: bool = False) -> Verification:
+    """Run both models on the same inputs and compare every output and fold site on every
+    provider (`sites`: as for `Reference.check`; `outputs_only`: graph outputs alone).
 
     A mismatch is a failed Verification, not an exception; VerificationFailed means neither
     engine could run a model. Bad inputs, dims or providers raise UsageError. Checking several
     candidates against one reference: `Reference`."""
     settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol, seed=seed)
     with Reference(reference, **settings) as prepared:
-        return prepared.check(candidate)
-
+        return prepared.check(candidate, {} if outputs_only else sites)
 
 
 __all__ = [

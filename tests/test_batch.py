@@ -75,8 +75,8 @@ def test_batch_verification_failure_exit_1(folder, monkeypatch):
     reference = sys.modules["bnfold.verify"].Reference  # the package attribute is the function
     real = reference.check
 
-    def failing(self, candidate):
-        outcome = real(self, candidate)
+    def failing(self, candidate, sites=None):
+        outcome = real(self, candidate, sites)
         return outcome if "b.onnx" not in str(self.model) else dataclasses.replace(outcome, passed=False)
 
     monkeypatch.setattr(reference, "check", failing)
@@ -94,7 +94,7 @@ def break_fold_file(kind, path, monkeypatch):
     elif kind == "verification failed":
         reference = sys.modules["bnfold.verify"].Reference
         real = reference.check
-        monkeypatch.setattr(reference, "check", lambda self, c: dataclasses.replace(real(self, c), passed=False))
+        monkeypatch.setattr(reference, "check", lambda self, c, sites=None: dataclasses.replace(real(self, c, sites), passed=False))
         return ["--strict"]
     elif kind in ("internal error", "out of memory"):
         error = RuntimeError("a bug") if kind == "internal error" else MemoryError()

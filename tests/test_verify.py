@@ -327,10 +327,10 @@ def test_verify_candidate_run_time_error_has_no_dim_hint():
 # ---------------------------------------------------------------- one reference, many candidates
 
 
-def count_reference_work(monkeypatch, reference_source):
-    """Count the sessions built from `reference_source`, their runs, and input generations."""
+def count_reference_work(monkeypatch):
+    """Count the sessions built for the reference, their runs, and input generations."""
     counts = {"sessions": 0, "runs": 0, "inputs": 0}
-    real_session, real_inputs = ort.InferenceSession, inputs_module.generate_inputs
+    real_session, real_inputs = engines.ort_session, inputs_module.generate_inputs
 
     def counted(key, function):
         def call(*args, **kwargs):
@@ -339,14 +339,14 @@ def count_reference_work(monkeypatch, reference_source):
 
         return call
 
-    def session(source, *args, **kwargs):
-        built = real_session(source, *args, **kwargs)
-        if source == reference_source:
+    def session(source, provider, which):
+        built = real_session(source, provider, which)
+        if which == "reference":
             counts["sessions"] += 1
             built.run_with_ort_values = counted("runs", built.run_with_ort_values)
         return built
 
-    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(engines, "ort_session", session)
     monkeypatch.setattr(inputs_module, "generate_inputs", counted("inputs", real_inputs))
     return counts
 
@@ -359,7 +359,7 @@ def test_reference_several_candidates_reference_runs_once_same_results(rng, monk
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.01), bias.name))
     candidates = [good, wrong, good, wrong]
     expected = [verify(reference, c) for c in candidates]
-    counts = count_reference_work(monkeypatch, reference.SerializeToString())
+    counts = count_reference_work(monkeypatch)
     with verify_module.Reference(reference) as prepared:
         results = [prepared.check(c) for c in candidates]
     assert [r.passed for r in results] == [True, False, True, False]
@@ -377,9 +377,9 @@ def test_reference_fallback_engine_reference_evaluated_once(rng, monkeypatch):
     runs = []
     real = engines.run_reference
 
-    def run_reference(m, feeds, which):
+    def run_reference(m, feeds, which, outputs=()):
         runs.append(which)
-        return real(m, feeds, which)
+        return real(m, feeds, which, outputs)
 
     monkeypatch.setattr(engines, "run_reference", run_reference)
     with verify_module.Reference(reference) as prepared:

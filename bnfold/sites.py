@@ -1,0 +1,79 @@
+"""Fold sites: the values verification compares besides the graph outputs.
+
+A fold's site is the value that carried BN's output in the original and is now computed by the
+folded layer (forward), or the output of the layer that absorbed BN (backward); both models name
+it alike (bnfold's folds keep names). Comparing it there catches a wrong fold whatever the head
+of the network does (a saturated sigmoid, a softmax over thousands of classes, an ArgMax), and
+the failing site names the fold.
+
+Where the sites come from:
+- a fold bnfold just made: its report (`from_report`);
+- a model bnfold wrote: the `bnfold.fold_sites` metadata entry it records (`record`/`recorded`),
+  a JSON object {"sites": {site: "bn into layer", ...}};
+- any other candidate: the values both main graphs name alike that a layer, a BN or a
+  per-channel arithmetic op produces in the original (`alike`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+METADATA_KEY = "bnfold.fold_sites"
+# Producers in the original whose outputs are worth comparing when no fold sites are recorded:
+# where a folding tool's changes show.
+_SITE_PRODUCERS = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul", "Div",
+})
+
+
+def from_report(report) -> dict[str, str]:
+    """Site -> what was folded there, for the main graph's folds of a FoldReport."""
+    return {
+        f.site: f"{f.bn} into {f.into}"
+        for f in (*report.folded, *report.affine_folded)
+        if f.site and not f.graph
+    }
+
+
+def record(model: onnx.ModelProto, sites: dict[str, str]) -> None:
+    """Write `sites` into the model's metadata, with those an earlier fold recorded."""
+    merged = {**(recorded(model) or {}), **sites}
+    entries = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(entries)
+    if merged:
+        model.metadata_props.add(key=METADATA_KEY, value=json.dumps({"sites": merged}, sort_keys=True))
+
+
+def recorded(model: onnx.ModelProto) -> dict[str, str] | None:
+    """The sites a bnfold output records; None when it records none (or the entry is not ours)."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                sites = json.loads(prop.value).get("sites")
+            except (ValueError, AttributeError):
+                return None
+            if isinstance(sites, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in sites.items()):
+                return sites
+    return None
+
+
+def alike(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> dict[str, str]:
+    """Values both main graphs produce under one name, produced in the reference by an op of
+    _SITE_PRODUCERS, in the reference's order."""
+    produced = {name for node in candidate.graph.node for name in node.output if name}
+    return {
+        name: "" for node in reference.graph.node if node.op_type in _SITE_PRODUCERS
+        for name in node.output if name in produced
+    }
+
+
+def comparable(sites: dict[str, str], reference: onnx.ModelProto, candidate: onnx.ModelProto) -> dict[str, str]:
+    """The sites both main graphs produce that are not graph outputs already (compared anyway),
+    in the reference's graph order (so the first failing one is the first wrong fold)."""
+    outputs = {o.name for o in reference.graph.output}
+    produced = {name for node in candidate.graph.node for name in node.output if name}
+    order = [name for node in reference.graph.node for name in node.output]
+    return {name: sites[name] for name in order if name in sites and name in produced and name not in outputs}
