@@ -50,7 +50,7 @@ def parse_rules(value: str | None):
 def verify_options(f):
     """Options shared by `fold` and `verify`."""
     options = [
-        click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="Size of a symbolic input dimension (default 2)."),
+        click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="Size of a dynamic input dimension (default: 2 for the batch axis, 64 for spatial axes, 16 otherwise)."),
         click.option("--inputs", type=click.Path(dir_okay=False), help="Inputs from an .npz file instead of seeded random data."),
         click.option("--rtol", type=float, help="Relative tolerance (default per dtype)."),
         click.option("--atol", type=float, help="Absolute tolerance (default per dtype)."),

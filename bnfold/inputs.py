@@ -13,7 +13,14 @@ import onnx
 from bnfold.compare import is_float
 from bnfold.errors import InvalidModel, UsageError, one_line
 
-DEFAULT_DIM = 2
+# Sizes of dynamic dimensions (a name, no value, or a value <= 0, as exporters write them),
+# unless --dim names them: chosen to exercise the model, not to be cheap. A batch of 2 (a batch
+# of one hides batch-mixing bugs), spatial dims of 64 (at least the total stride of usual
+# backbones: a 2x2 map vanishes after the first strided layers and saturates what follows),
+# and 16 for other axes (sequence lengths, features). A named dimension gets one size everywhere.
+DEFAULT_BATCH = 2
+DEFAULT_SPATIAL = 64
+DEFAULT_LENGTH = 16
 # Seeded inputs are generated in float64 first: 2**28 elements is 2 GiB, far above real inputs
 # (an image batch is ~10**6) and far below what a hostile shape asks for.
 MAX_GENERATED_ELEMENTS = 2**28
@@ -67,25 +74,34 @@ def _check_dims(model: onnx.ModelProto, dims) -> dict[str, int]:
 
 
 def _input_shape(value: onnx.ValueInfoProto, dims: dict[str, int]) -> tuple[int, ...]:
+    """The input's shape: its fixed dims, and for each dynamic one --dim's size or the default
+    (DEFAULT_*); a named dim's size is remembered in `dims`, so every input agrees on it."""
     tensor = value.type.tensor_type
     if not tensor.HasField("shape"):
         raise UsageError(
             f"input '{value.name}' has no shape information; pass its value with --inputs FILE.npz"
         )
-    shape = []
-    for d in tensor.shape.dim:
-        if d.HasField("dim_value"):
+    rank, shape = len(tensor.shape.dim), []
+    for axis, d in enumerate(tensor.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
             shape.append(d.dim_value)
+        elif d.dim_param:
+            shape.append(dims.setdefault(d.dim_param, default_size(axis, rank)))
         else:
-            shape.append(dims.get(d.dim_param, DEFAULT_DIM))
-    if any(size < 0 for size in shape):
-        raise InvalidModel(f"input '{value.name}' has a negative dimension {tuple(shape)}")
+            shape.append(default_size(axis, rank))
     if math.prod(shape) > MAX_GENERATED_ELEMENTS:
         raise UsageError(
             f"input '{value.name}' of shape {tuple(shape)} is too large to generate "
             f"(over {MAX_GENERATED_ELEMENTS} elements); pass --dim NAME=SIZE or --inputs FILE.npz"
         )
     return tuple(shape)
+
+
+def default_size(axis: int, rank: int) -> int:
+    """The size of a dynamic dimension no --dim names (see DEFAULT_*)."""
+    if axis == 0:
+        return DEFAULT_BATCH
+    return DEFAULT_SPATIAL if rank >= 4 and axis >= 2 else DEFAULT_LENGTH
 
 
 def _random_array(rng: np.random.Generator, shape, dtype: np.dtype, name: str) -> np.ndarray:

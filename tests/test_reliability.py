@@ -344,14 +344,14 @@ def test_reliability_undefined_input_type_exit_2(model_dir, rng):
     assert sorted(p.name for p in model_dir.iterdir()) == ["m.onnx"]
 
 
-@pytest.mark.parametrize("dim", [-5, 2**40], ids=["negative", "huge"])
-def test_reliability_hostile_input_shape_exit_2(model_dir, rng, dim):
-    """Generated inputs follow the declared shape; a hostile one must not allocate terabytes."""
+def test_reliability_hostile_input_shape_exit_2(model_dir, rng):
+    """Generated inputs follow the declared shape; a hostile one must not allocate terabytes.
+    (A value <= 0 is how exporters write a dynamic dim: see tests/test_verify_inside.py.)"""
     model = conv_bn_model(rng)
-    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = dim
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 2**40
     path = _write(model_dir, model.SerializeToString())
     line = invoke_error([path], "input 'x'")
-    assert ("negative" in line) if dim < 0 else ("too large to generate" in line and "--dim" in line)
+    assert "too large to generate" in line and "--dim" in line
     assert sorted(p.name for p in model_dir.iterdir()) == ["m.onnx"]
 
 
