@@ -273,6 +273,7 @@ def render_fold(model, result, verified: bool) -> str:
     for kept in report.kept:
         lines.append(f"  kept {printable(kept.graph + kept.bn)}: {printable(kept.reason)}")
     lines += render_affine(report)
+    lines += render_rolled_back(report)
     if result.verification is not None:
         lines.append(render_verification(result.verification, indent="  "))
     elif verified:
@@ -284,6 +285,16 @@ def render_fold(model, result, verified: bool) -> str:
         timing += f", verify {result.verification.seconds:.3f} s"
     lines.append(timing)
     return "\n".join(lines)
+
+
+def render_rolled_back(report) -> list[str]:
+    """One plain line when verification undid folds, above all when it undid every one."""
+    undone = len(report.rolled_back)
+    if not undone:
+        return []
+    if not report.folded and not report.affine_folded:
+        return [f"  rolled back: every fold ({undone}) failed verification; the model is written with no fold applied"]
+    return [f"  rolled back: {undone} fold{'s' * (undone != 1)} failed verification (kept above); the others verified"]
 
 
 def render_affine(report) -> list[str]:

@@ -14,6 +14,7 @@ from collections import Counter
 
 SCHEMA_VERSION = 1
 BATCHNORM = "BatchNormalization"
+ROLLED_BACK = "(rolled back)"  # how a kept record's reason ends when verification undid its fold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,11 @@ class FoldReport:
     def modified(self) -> bool:
         return bool(self.folded or self.affine_folded)
 
+    @property
+    def rolled_back(self) -> tuple[Kept, ...]:
+        """BN (and chains) whose fold verification undid (bnfold.rollback)."""
+        return tuple(k for k in (*self.kept, *self.affine_kept) if k.reason.endswith(ROLLED_BACK))
+
     def rule_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(f.rule for f in self.folded).items()))
 
@@ -88,6 +94,7 @@ class FoldReport:
             "affine_rules": self.affine_rule_counts(),
             "affine_folded": [f.to_dict() for f in self.affine_folded],
             "affine_kept": [k.to_dict() for k in self.affine_kept],
+            "rolled_back": [k.graph + k.bn for k in self.rolled_back],
             "warnings": list(self.warnings),
             "constant_inputs": {
                 "reason": self.constant_inputs_reason or None,

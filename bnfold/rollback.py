@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from bnfold.report import Folded
+from bnfold.report import ROLLED_BACK, Folded
 
 # A trial: apply only `folds`, verify, return (passed, max abs error).
 Trial = Callable[[Sequence[Folded]], tuple[bool, float]]
@@ -56,5 +56,5 @@ def skip_map(records, errors: dict[Folded, float] | None = None) -> dict[tuple[s
 
 def rollback_reason(error: float) -> str:
     if error == float("inf"):
-        return "verification failed: the model with this fold did not run (rolled back)"
-    return f"verification failed: max abs error {error:.3g} when folded (rolled back)"
+        return f"verification failed: the model with this fold did not run {ROLLED_BACK}"
+    return f"verification failed: max abs error {error:.3g} when folded {ROLLED_BACK}"

@@ -17,6 +17,7 @@ Where the sites come from:
 from __future__ import annotations
 
 import json
+import math
 
 import onnx
 
@@ -77,3 +78,41 @@ def comparable(sites: dict[str, str], reference: onnx.ModelProto, candidate: onn
     produced = {name for node in candidate.graph.node for name in node.output if name}
     order = [name for node in reference.graph.node for name in node.output]
     return {name: sites[name] for name in order if name in sites and name in produced and name not in outputs}
+
+
+def sizes(graph: onnx.ModelProto, feeds: dict, names) -> dict[str, int]:
+    """Bytes of each value `names` takes on these inputs, by shape inference with the inputs'
+    shapes fixed to the feeds'; a value it cannot size is left out."""
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)
+    for value in model.graph.input:
+        if value.name in feeds and value.type.HasField("tensor_type"):
+            shape = value.type.tensor_type.shape
+            shape.ClearField("dim")
+            for size in feeds[value.name].shape:
+                shape.dim.add().dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a model shape inference cannot follow: sizes unknown
+        return {}
+    wanted, found = set(names), {}
+    for value in (*inferred.graph.value_info, *inferred.graph.output):
+        tensor = value.type.tensor_type
+        if value.name in wanted and tensor.elem_type and all(d.HasField("dim_value") for d in tensor.shape.dim):
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+            found[value.name] = itemsize * math.prod(d.dim_value for d in tensor.shape.dim)
+    return found
+
+
+def groups(names: list[str], size_of: dict[str, int], budget: int, unknown: int) -> list[tuple[str, ...]]:
+    """`names` in order, cut into groups of at most `budget` bytes (a value alone may exceed it);
+    `unknown`: the size assumed for a value `size_of` does not know. Always one group at least."""
+    cut, current, total = [], [], 0
+    for name in names:
+        size = size_of.get(name, unknown)
+        if current and total + size > budget:
+            cut.append(tuple(current))
+            current, total = [], 0
+        current.append(name)
+        total += size
+    return [*cut, tuple(current)]

@@ -24,8 +24,8 @@ from bnfold.engines import CPU, CUDA, REFERENCE, available_providers, load_probl
 
 PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
 # Fold sites are fetched in groups of about this many bytes (the reference's values, once more
-# for the candidate's): never every intermediate of a large model at once. A group is a session
-# per model; the first group's size is guessed from the inputs, the next ones from what came back.
+# for the candidate's): never every intermediate of a large model at once. A group costs a
+# session per model, so groups are as few as that allows.
 SITE_GROUP_BYTES = 2**28
 CACHED_REFERENCE_BYTES = 2**28  # the reference's values kept for the next candidate (rollback trials)
 _UNSET = object()
@@ -150,20 +150,16 @@ class Reference:
             used = tuple(values)
             for provider, (ref, cand) in values.items():
                 checks += self._judge(provider, ref, cand, {name: wanted[name] for name in group}, first)
-            if group:  # how big a site really is: the next group is sized by it
-                self._site_bytes = max(getattr(values[used[0]][0].get(name), "nbytes", 1) for name in group)
         seconds = time.perf_counter() - start
         return Verification(all(c.passed for c in checks), engine, used, tuple(checks), seconds, note)
 
     def _groups(self, names: list[str]):
-        """(sites, first) groups: the first with the graph outputs; each of about SITE_GROUP_BYTES."""
-        self._site_bytes = max(1, 8 * sum(a.nbytes for a in self.feeds.values()))  # a guess until measured
-        done, first = 0, True
-        while first or done < len(names):
-            count = max(1, SITE_GROUP_BYTES // max(self._site_bytes, 1))
-            group = tuple(names[done:done + count])
-            yield group, first
-            done, first = done + len(group), False
+        """(sites, first) groups of about SITE_GROUP_BYTES each (sized by shape inference, else
+        guessed from the inputs), the first also fetching the graph outputs."""
+        guess = max(1, 8 * sum(a.nbytes for a in self.feeds.values()))
+        known = site_names.sizes(self.graph, self.feeds, names) if names else {}
+        for index, group in enumerate(site_names.groups(names, known, SITE_GROUP_BYTES, guess)):
+            yield group, index == 0
 
     def _judge(self, provider: str, ref: dict, cand: dict, group: dict[str, str], first: bool) -> list[OutputCheck]:
         """Compare; a float tensor that fails on magnitude alone is judged again against the

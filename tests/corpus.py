@@ -88,3 +88,38 @@ def unshaped_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     for output in copy.graph.output:
         output.type.tensor_type.ClearField("shape")
     return copy
+
+
+def near_identity_chain(
+    rng: np.random.Generator, blocks: int, channels: int = 4, size: int = 8, offset: float = 0.0
+) -> onnx.ModelProto:
+    """`blocks` x (Conv 3x3 -> BN -> Relu), each block close to the identity, so values stay
+    finite however deep, and float32 rounding accumulates over the depth. With `offset`, each
+    Conv adds it as a bias and its BN subtracts it again as the mean (as a BN after a biased
+    layer often does): the original rounds at the offset's magnitude in every block and drifts
+    from the exact answer much sooner; the fold cancels the two exactly (in float64)."""
+    inits, nodes, x = [], [], "x"
+    eye = np.zeros((channels, channels, 3, 3), np.float32)
+    eye[np.arange(channels), np.arange(channels), 1, 1] = 1.0
+    for i in range(blocks):
+        weight = eye + rng.normal(0, 0.02, eye.shape).astype(np.float32)
+        # scale a little under 1 and a positive shift: each block pulls values towards about 1
+        scale, mean = rng.uniform(0.9, 1.0, channels), rng.normal(0, 0.05, channels) + offset
+        var, shift = rng.uniform(0.9, 1.1, channels), rng.normal(0.1, 0.02, channels)
+        names = [f"W{i}", f"bn{i}_scale", f"bn{i}_B", f"bn{i}_mean", f"bn{i}_var", f"B{i}"]
+        for name, value in zip(names, (weight, scale, shift, mean, var, np.full(channels, offset))):
+            inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        nodes += [
+            helper.make_node("Conv", [x, names[0], names[5]], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", [f"c{i}", *names[1:5]], [f"b{i}"], name=f"bn{i}"),
+            helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        x = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "near_identity_chain",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", channels, size, size])],
+        [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, ["batch", channels, size, size])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
