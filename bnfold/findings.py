@@ -21,7 +21,7 @@ import pathlib
 import onnx
 
 from bnfold.errors import InvalidModel, one_line
-from bnfold.tensors import is_external, iter_tensors
+from bnfold.tensors import all_graphs, is_external, iter_tensors
 
 _CHECKER_ERRORS = (onnx.checker.ValidationError, ValueError, OSError)
 
@@ -70,7 +70,7 @@ def checkable_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def fill_missing_shapes(model: onnx.ModelProto):
     """Yield a warning for each graph input or output (any graph) whose tensor type has no
     shape, giving it an empty one in `model` (a copy for the checker, never the output)."""
-    for graph in _graphs(model.graph):
+    for graph in all_graphs(model.graph):
         where = f" of subgraph '{graph.name}'" if graph is not model.graph else ""
         for kind, values in (("input", graph.input), ("output", graph.output)):
             for value in values:
@@ -78,13 +78,3 @@ def fill_missing_shapes(model: onnx.ModelProto):
                 if tensor_type is not None and not tensor_type.HasField("shape"):
                     tensor_type.shape.SetInParent()
                     yield f"graph {kind} '{value.name}'{where} declares no shape (unknown rank)"
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)

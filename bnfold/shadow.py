@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnfold.tensors import all_graphs
+
 FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
 DOUBLE = onnx.TensorProto.DOUBLE
 # Ops with a float input or output that float64 may not take (per the ONNX spec), or whose
@@ -34,7 +36,7 @@ def promote(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """A float64 copy of `model` (whose tensors must be in memory, not external), or None."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for graph in _graphs(copy.graph):
+    for graph in all_graphs(copy.graph):
         if graph.sparse_initializer or not _promote_graph(graph):
             return None
     return copy
@@ -70,13 +72,3 @@ def _promote_node(node: onnx.NodeProto) -> bool:
 
 def _double(tensor: onnx.TensorProto) -> onnx.TensorProto:
     return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name)
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)

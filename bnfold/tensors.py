@@ -7,6 +7,7 @@ both the graph index and the loaders build on this module and neither on the oth
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 
@@ -168,17 +169,24 @@ def _node_tensors(node: onnx.NodeProto):
             yield from _graph_tensors(g)
 
 
-def initializers(graph: onnx.GraphProto):
-    """Initializers of a graph and of its subgraphs: the tensors saving may move out."""
-    yield from graph.initializer
-    yield from subgraph_initializers(graph)
-
-
-def subgraph_initializers(graph: onnx.GraphProto):
+def all_graphs(graph: onnx.GraphProto):
+    """`graph` and every graph nested in it (If / Loop / Scan bodies), depth first."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                yield from initializers(attr.g)
-            for g in attr.graphs:
-                yield from initializers(g)
+                yield from all_graphs(attr.g)
+            for sub in attr.graphs:
+                yield from all_graphs(sub)
+
+
+def initializers(graph: onnx.GraphProto):
+    """Initializers of a graph and of its subgraphs: the tensors saving may move out."""
+    for each in all_graphs(graph):
+        yield from each.initializer
+
+
+def subgraph_initializers(graph: onnx.GraphProto):
+    for each in itertools.islice(all_graphs(graph), 1, None):
+        yield from each.initializer
 
