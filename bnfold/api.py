@@ -345,12 +345,16 @@ def fold_file(
         return verification
     if strict:
         raise _failure(verification, "--strict: nothing rolled back")
-    phase("verification failed: finding the folds responsible")
-    result = _roll_back(result, loaded, target, options, verification, check)
-    final = _stage_and_verify(result, loaded, target, check, phase, strict=strict)
-    if isinstance(final, FoldResult):
-        return final
-    raise _failure(final, "even after rolling back the folds that failed alone")
+    for round_ in range(ROLLBACK_ROUNDS):  # each round undoes at least one fold; none left always verifies
+        phase("verification failed: finding the folds responsible")
+        last = round_ == ROLLBACK_ROUNDS - 1
+        result = _roll_back(result, loaded, target, options, verification, check, everything=last)
+        verification = _stage_and_verify(result, loaded, target, check, phase, strict=strict)
+        if isinstance(verification, FoldResult):
+            return verification
+        if not result.modified:
+            break
+    raise _failure(verification, "even after rolling back the folds that failed")
 
 
 def _output_destination(loaded, dst, in_place: bool):
@@ -391,9 +395,14 @@ def _stage_and_verify(result: FoldResult, loaded, target, check, phase, early=No
     return dataclasses.replace(result, verification=verification, path=path)
 
 
-def _roll_back(result: FoldResult, loaded, target, options: dict, verification, check) -> FoldResult:
+ROLLBACK_ROUNDS = 8  # then the last round undoes every fold left (see _roll_back)
+
+
+def _roll_back(result: FoldResult, loaded, target, options: dict, verification, check, everything: bool = False) -> FoldResult:
     """Refold `loaded`'s file keeping the BN (and affine chains) whose folds fail verification
-    (bisection); `options` are fold_model's rules, standalone and freeze_initializer_inputs."""
+    (bisection), and those an earlier round rolled back; `options` are fold_model's rules,
+    standalone and freeze_initializer_inputs. The folds left may still fail together (rounding
+    that each passes alone): the caller rolls back again; `everything` undoes every fold left."""
     from bnfold import io, rollback
 
     report = result.report
@@ -410,8 +419,12 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
             outcome = check(staged.path)
         return outcome.passed, _error(outcome)
 
-    failing = rollback.find_failing_folds(folds, trial, _error(verification))
-    return refold(rollback.skip_map(failing, failing))
+    earlier = {(k.graph, k.bn): k.reason for k in report.rolled_back}
+    if everything:
+        failing = dict.fromkeys(folds, _error(verification))
+    else:
+        failing = rollback.find_failing_folds(folds, trial, _error(verification))
+    return refold({**earlier, **rollback.skip_map(failing, failing)})
 
 
 def _error(verification) -> float:

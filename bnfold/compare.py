@@ -100,22 +100,29 @@ def mismatch(provider, name, dtype, note) -> OutputCheck:
 
 
 def _informative(ref: np.ndarray) -> bool:
-    if not is_float(ref.dtype):
+    if not is_float(ref.dtype) or ref.size < 2:
         return False
-    finite = ref[np.isfinite(ref.astype(np.float64))]
+    values = ref if ref.dtype in (np.float32, np.float64) else ref.astype(np.float64)
+    low, high = values.min(), values.max()
+    if np.isfinite(low) and np.isfinite(high):
+        return bool(low != high)
+    finite = values[np.isfinite(values)]
     return finite.size > 1 and bool(finite.min() != finite.max())
 
 
 def _float_errors(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float, str]:
-    """(max_abs_err, max|ref|, note) over the finite elements; non-finite ones must match."""
-    ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
-    finite = np.isfinite(ref64)
-    if not np.array_equal(finite, np.isfinite(cand64)) or not np.array_equal(
-        ref64[~finite], cand64[~finite], equal_nan=True
-    ):
-        return math.inf, float(np.abs(ref64[finite]).max(initial=0.0)), "NaN/Inf differ"
-    diff = np.abs(cand64[finite] - ref64[finite]).max(initial=0.0)
-    return float(diff), float(np.abs(ref64[finite]).max(initial=0.0)), ""
+    """(max_abs_err, max|ref|, note) over the finite elements; non-finite ones must match.
+    float32/float64 are compared as they are (one pass when all is finite), others in float64."""
+    if ref.dtype not in (np.float32, np.float64):
+        ref, cand = ref.astype(np.float64), cand.astype(np.float64)
+    diff = np.abs(cand - ref)
+    worst = diff.max(initial=0.0)
+    if np.isfinite(worst):  # no NaN or Inf on either side (inf - inf is nan, x - inf is inf)
+        return float(worst), float(np.abs(ref).max(initial=0.0)), ""
+    finite = np.isfinite(ref)
+    if not np.array_equal(finite, np.isfinite(cand)) or not np.array_equal(ref[~finite], cand[~finite], equal_nan=True):
+        return math.inf, float(np.abs(ref[finite]).max(initial=0.0)), "NaN/Inf differ"
+    return float(diff[finite].max(initial=0.0)), float(np.abs(ref[finite]).max(initial=0.0)), ""
 
 
 def _tolerance(dtype: np.dtype, rtol, atol) -> tuple[float, float]:

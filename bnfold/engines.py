@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import mmap
 import os
 import re
 import tempfile
@@ -21,6 +22,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 
+from bnfold import wire
 from bnfold.errors import InvalidModel, UsageError, VerificationFailed
 
 CPU = "CPUExecutionProvider"
@@ -112,10 +114,10 @@ def check_providers(providers) -> list[str]:
 
 
 def error_line(err: BaseException) -> str:
-    """First meaningful line of an engine error, without onnxruntime's status-code prefix."""
+    """An engine error on one line, without onnxruntime's status-code prefix: its later lines
+    joined on (they hold the detail: "index: 3 Got: 64 Expected: 0"), cut at 300 characters."""
     text = re.sub(r"\[ONNXRuntimeError\] : \d+ : ", "", str(err))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    line = lines[0] if lines else type(err).__name__
+    line = "; ".join(part.strip() for part in text.splitlines() if part.strip()) or type(err).__name__
     return line if len(line) <= 300 else line[:297] + "..."
 
 
@@ -135,22 +137,48 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     return model
 
 
-def ort_source(model, stack: contextlib.ExitStack, outputs=()) -> OrtSource:
+def ort_source(model, stack: contextlib.ExitStack, outputs=(), dynamic_dims: bool = False) -> OrtSource:
     """A path stays a path (external data, >2 GB); a proto is serialised, or written to a
     temporary folder when protobuf cannot serialise it in one piece. With `outputs` (values to
-    fetch besides the graph outputs) a path's graph is read without its external data and
-    serialised, its data found in the path's folder."""
-    folder = None
-    if outputs and not isinstance(model, onnx.ModelProto):
+    fetch besides the graph outputs) a path's bytes get them spliced into its graph, its
+    external data found in the path's folder. `dynamic_dims`: the graph inputs have dims <= 0,
+    which exporters mean as dynamic and onnxruntime reads as fixed; they are cleared first."""
+    if dynamic_dims:
+        return _with_dynamic_dims(model, stack, outputs)
+    if not isinstance(model, onnx.ModelProto):
         path = os.fspath(model)
-        model = with_outputs(onnx.load(path, load_external_data=False), outputs)
+        if not outputs:
+            return OrtSource(path)
         folder = os.path.dirname(os.path.abspath(path))
-    elif outputs:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:  # no parse: the bytes copied once, from the page cache
+                return OrtSource(wire.with_graph_fields(memoryview(data), _output_fields(outputs)), folder)
+            except wire.WireError:  # not laid out as usual: parse it
+                return _serialised(with_outputs(onnx.load_from_string(bytes(data)), outputs), stack, folder)
+    if outputs:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = with_outputs(copy, outputs)
+    return _serialised(model, stack, None)
+
+
+def _with_dynamic_dims(model, stack: contextlib.ExitStack, outputs) -> OrtSource:
+    folder = None
     if not isinstance(model, onnx.ModelProto):
-        return OrtSource(os.fspath(model))
+        folder = os.path.dirname(os.path.abspath(os.fspath(model)))
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    for value in model.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.ClearField("dim_value")
+    return _serialised(with_outputs(model, outputs), stack, folder)
+
+
+def _serialised(model: onnx.ModelProto, stack: contextlib.ExitStack, folder: str | None) -> OrtSource:
     if model.ByteSize() <= _MAX_PROTO_BYTES:
         return OrtSource(model.SerializeToString(), folder)
     temporary = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
@@ -159,6 +187,15 @@ def ort_source(model, stack: contextlib.ExitStack, outputs=()) -> OrtSource:
     copy.CopyFrom(model)  # onnx.save moves tensors out of the proto it is given
     onnx.save(copy, path, save_as_external_data=True, location="model.onnx.data")
     return OrtSource(path)
+
+
+def _output_fields(names) -> bytes:
+    """GraphProto `output` fields for `names`, types left to the engine."""
+    pieces = []
+    for name in names:
+        body = onnx.ValueInfoProto(name=name).SerializeToString()
+        pieces.append(wire.record(wire.GRAPH_OUTPUT, len(body)) + body)
+    return b"".join(pieces)
 
 
 class Refused(Exception):

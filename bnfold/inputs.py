@@ -97,6 +97,15 @@ def _input_shape(value: onnx.ValueInfoProto, dims: dict[str, int]) -> tuple[int,
     return tuple(shape)
 
 
+def has_nonpositive_dims(model: onnx.ModelProto) -> bool:
+    """Whether a graph input declares a dim <= 0 (dynamic, as exporters write it)."""
+    return any(
+        d.HasField("dim_value") and d.dim_value <= 0
+        for value in model.graph.input if value.type.HasField("tensor_type")
+        for d in value.type.tensor_type.shape.dim
+    )
+
+
 def default_size(axis: int, rank: int) -> int:
     """The size of a dynamic dimension no --dim names (see DEFAULT_*)."""
     if axis == 0:

@@ -83,8 +83,7 @@ def comparable(sites: dict[str, str], reference: onnx.ModelProto, candidate: onn
 def sizes(graph: onnx.ModelProto, feeds: dict, names) -> dict[str, int]:
     """Bytes of each value `names` takes on these inputs, by shape inference with the inputs'
     shapes fixed to the feeds'; a value it cannot size is left out."""
-    model = onnx.ModelProto()
-    model.CopyFrom(graph)
+    model = _without_weights(graph)
     for value in model.graph.input:
         if value.name in feeds and value.type.HasField("tensor_type"):
             shape = value.type.tensor_type.shape
@@ -116,3 +115,22 @@ def groups(names: list[str], size_of: dict[str, int], budget: int, unknown: int)
         current.append(name)
         total += size
     return [*cut, tuple(current)]
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference without the weights' bytes: an initializer of more than a
+    few values becomes a typed graph input (its shape is all inference needs); small ones
+    (shape constants a Reshape reads) stay."""
+    shell = onnx.ModelProto(ir_version=model.ir_version)
+    shell.opset_import.extend(model.opset_import)
+    shell.functions.extend(model.functions)
+    graph = shell.graph
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    listed = {value.name for value in graph.input}
+    for tensor in model.graph.initializer:
+        if math.prod(tensor.dims) <= 64:
+            graph.initializer.add().CopyFrom(tensor)
+        elif tensor.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return shell

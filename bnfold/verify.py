@@ -105,6 +105,7 @@ class Reference:
         self._cached_bytes = 0
         self._refusal: engines.Refused | None = None  # onnxruntime cannot build the reference's session
         self._shadow = _UNSET  # the float64 shadow (bnfold.shadow), made when first needed; None: none
+        self._dynamic = model_inputs.has_nonpositive_dims(self.graph)
 
     def __enter__(self) -> "Reference":
         return self
@@ -143,6 +144,7 @@ class Reference:
         if sites is None:
             sites = site_names.recorded(cand_graph) or site_names.alike(self.graph, cand_graph)
         wanted = site_names.comparable(sites, self.graph, cand_graph)
+        self._cand_dynamic = model_inputs.has_nonpositive_dims(cand_graph)
         start = time.perf_counter()  # counts the reference's share too when it runs now
         checks, engine, used, note = [], "onnxruntime", (), ""
         for group, first in self._groups(list(wanted)):
@@ -180,7 +182,7 @@ class Reference:
         """(engine, {provider: (ref values, cand values)}, note): onnxruntime, else onnx.reference."""
         with contextlib.ExitStack() as stack:
             try:
-                source = engines.ort_source(candidate, stack, group)
+                source = engines.ort_source(candidate, stack, group, self._cand_dynamic)
                 return "onnxruntime", {p: self._run_ort(source, p, group) for p in self.providers}, ""
             except engines.Refused as refusal:
                 note = f"{refusal}; verified with onnx.reference"
@@ -203,7 +205,8 @@ class Reference:
         if self._refusal is not None:
             raise self._refusal
         try:
-            session = engines.ort_session(engines.ort_source(self.model, self._stack, group), provider, "reference")
+            source = engines.ort_source(self.model, self._stack, group, self._dynamic)
+            session = engines.ort_session(source, provider, "reference")
         except engines.Refused as refusal:
             self._refusal = refusal
             raise

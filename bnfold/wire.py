@@ -21,7 +21,7 @@ import os
 
 import onnx
 
-GRAPH, INITIALIZER, RAW_DATA, EXTERNAL_DATA, DATA_LOCATION = 7, 5, 9, 13, 14
+GRAPH, INITIALIZER, GRAPH_OUTPUT, RAW_DATA, EXTERNAL_DATA, DATA_LOCATION = 7, 5, 12, 9, 13, 14
 LENGTH_DELIMITED = 2
 
 
@@ -90,6 +90,16 @@ def varint(value: int) -> bytes:
 def record(number: int, body_length: int) -> bytes:
     """Tag and length of a length-delimited field; its body follows."""
     return varint(number << 3 | LENGTH_DELIMITED) + varint(body_length)
+
+
+def with_graph_fields(buf, extra: bytes) -> bytes:
+    """The model's bytes with `extra` (serialized GraphProto fields, e.g. more outputs) added to
+    its graph, without parsing it: repeated fields appended to a message extend it."""
+    graphs = [f for f in fields(buf, 0, len(buf)) if f[0] == GRAPH]
+    if len(graphs) != 1 or graphs[0][1] != LENGTH_DELIMITED:
+        raise WireError("not exactly one graph")
+    _, _, start, value, end = graphs[0]
+    return b"".join((buf[:start], record(GRAPH, end - value + len(extra)), buf[value:end], extra, buf[end:]))
 
 
 def scan(buf, location: str, min_tensor: int) -> tuple[bytes, dict[str, Stub]]:
