@@ -9,12 +9,12 @@ import gc
 import os
 import pathlib
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Iterable
 
 import onnx
 
-from bnfold import initializer_inputs, sites
+from bnfold import initializer_inputs, noops, sites
 from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
 from bnfold.report import BATCHNORM, FoldReport, Folded, Kept
@@ -58,6 +58,7 @@ def fold(
     standalone: str = "keep",
     freeze_initializer_inputs: bool = False,
     check_model: bool = False,
+    remove_noops: bool = True,
 ) -> FoldResult:
     """Fold every BN that can be folded safely; the input model object is not modified.
 
@@ -67,16 +68,34 @@ def fold(
     `freeze_initializer_inputs`: initializers also listed as graph inputs (IR >= 4: defaults a
     caller may override) are read as constants (bnfold.initializer_inputs). `check_model`: a
     path is refused on any onnx.checker complaint, not only on those no engine tolerates.
+    `remove_noops`: nodes that compute nothing (Identity, inference Dropout, ...) go first.
     """
-    options = dict(rules=rules, standalone=standalone, freeze_initializer_inputs=freeze_initializer_inputs)
+    options = dict(rules=rules, standalone=standalone, freeze_initializer_inputs=freeze_initializer_inputs, remove_noops=remove_noops)
     if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return fold_model(copy, base_dir=base_dir, **options)
-    from bnfold import io
 
-    loaded = io.load_model(model, check_model=check_model)
-    return fold_model(loaded.model, base_dir=loaded.base_dir, warnings=loaded.warnings, **options)
+        def fresh(**extra) -> FoldResult:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            return fold_model(copy, base_dir=base_dir, **{**options, **extra})
+    else:
+        from bnfold import io
+
+        def fresh(**extra) -> FoldResult:
+            loaded = io.load_model(model, check_model=check_model)
+            return fold_model(loaded.model, base_dir=loaded.base_dir, warnings=loaded.warnings, **{**options, **extra})
+
+    return _unless_only_noops(fresh(), fresh)
+
+
+def _unless_only_noops(result: FoldResult, refold) -> FoldResult:
+    """A fold that folded nothing leaves the model as it was: no-ops removed for nothing are
+    put back by folding a fresh copy without removing them (`refold(remove_noops=False)`). The
+    report stays the first one's: its reasons for keeping each BN are the ones past the no-ops."""
+    report = result.report
+    if not report.noops_removed or report.folded or report.affine_folded:
+        return result
+    again = refold(remove_noops=False)
+    return dataclasses.replace(again, report=dataclasses.replace(report, noops_removed={}))
 
 
 def fold_model(
@@ -89,6 +108,7 @@ def fold_model(
     spill=None,
     freeze_initializer_inputs: bool = False,
     warnings: tuple[str, ...] = (),
+    remove_noops: bool = True,
 ) -> FoldResult:
     """Fold `model` in place (callers that must keep their input pass a copy).
 
@@ -96,7 +116,8 @@ def fold_model(
     (folds that verification rolled back, see bnfold.rollback). `spill` (a lazy load's
     bnfold.loading.Spill) takes the big tensors the fold makes out of memory; the model then holds
     stubs for them, and is only whole once saved with `io.stage_model(source=...)`.
-    `warnings`: what loading tolerated, carried into the report.
+    `warnings`: what loading tolerated, carried into the report. `remove_noops`: nodes that
+    compute nothing go first (bnfold.noops), so that every rule folds through them.
     """
     started = time.perf_counter()
     active = select_rules(rules)
@@ -107,6 +128,7 @@ def fold_model(
         index = ModelIndex(model, base_dir, spill)
         before = count_batchnorms(index)
         prime_types(index)
+        noops_removed = _remove_noops(index) if remove_noops else Counter()
         folded: list[Folded] = []
         kept: list[Kept] = []
         for graph in list(index.graphs):
@@ -127,11 +149,18 @@ def fold_model(
         affine_folded=tuple(f for f in folded if f.ops != BATCHNORM),
         affine_kept=tuple(k for k in kept if k.ops != BATCHNORM),
         warnings=tuple(warnings),
+        noops_removed=dict(sorted(noops_removed.items())),
         constant_inputs=tuple(sorted(listing.backed)) if listing else (),
         constant_inputs_reason=listing.reason if listing else "",
         unlisted_inputs=unlisted,
     )
     return FoldResult(model, report)
+
+
+def _remove_noops(index: ModelIndex) -> Counter:
+    for graph in index.graphs:  # every type the proofs need, before the first edit
+        noops.prime(graph)
+    return sum((noops.remove_noops(graph) for graph in list(index.graphs)), Counter())
 
 
 @contextlib.contextmanager
@@ -311,6 +340,7 @@ def fold_file(
     standalone: str = "keep",
     freeze_initializer_inputs: bool = False,
     check_model: bool = False,
+    remove_noops: bool = True,
 ) -> FoldResult:
     """Fold the model file `src`, verify the written result against it, then move it into place.
 
@@ -319,8 +349,8 @@ def fold_file(
     (unless `in_place`, which still replaces it atomically). When verification fails, the
     folds responsible are found and undone (their BN kept with the reason, see bnfold.rollback)
     and the result verified again; `strict` makes a failure an error instead. `on_phase(text)`
-    is told what is being done (for a progress display). `freeze_initializer_inputs` and
-    `check_model` are as for `fold`.
+    is told what is being done (for a progress display). `freeze_initializer_inputs`,
+    `check_model` and `remove_noops` are as for `fold`.
 
     The written file (`result.path`) is the product. For model files of 32 MiB or more the
     weights are not read into memory: `result.model` then refers to unchanged weights in the
@@ -337,8 +367,9 @@ def fold_file(
     settings = dict(inputs=inputs, dims=dims, providers=providers, rtol=rtol, atol=atol)
     reference = _prepared_once(loaded.path, settings) if verify else None
     with io.begin_staging(target, loaded) as early:  # big data files are copied while the fold runs
-        options = dict(rules=rules, standalone=standalone, freeze_initializer_inputs=freeze_initializer_inputs)
+        options = dict(rules=rules, standalone=standalone, freeze_initializer_inputs=freeze_initializer_inputs, remove_noops=remove_noops)
         result = fold_model(loaded.model, base_dir=loaded.base_dir, spill=loaded.spill, warnings=loaded.warnings, **options)
+        result = _unless_only_noops(result, lambda **extra: _refold(loaded, {**options, **extra}))
         check = _checker(reference, result.report) if reference is not None else None
         verification = _stage_and_verify(result, loaded, target, check, phase, early, strict)
     if isinstance(verification, FoldResult):
@@ -409,8 +440,7 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
     folds, kept = report.folded + report.affine_folded, report.kept + report.affine_kept
 
     def refold(skip: dict) -> FoldResult:
-        source = io.load_model(loaded.path, lazy=True)
-        return fold_model(source.model, base_dir=source.base_dir, skip=skip, spill=loaded.spill, warnings=loaded.warnings, **options)
+        return _refold(loaded, options, skip)
 
     def trial(subset) -> tuple[bool, float]:
         chosen = set(subset)
@@ -425,6 +455,14 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
     else:
         failing = rollback.find_failing_folds(folds, trial, _error(verification))
     return refold({**earlier, **rollback.skip_map(failing, failing)})
+
+
+def _refold(loaded, options: dict, skip=None) -> FoldResult:
+    """Fold `loaded`'s file again from disk (its lazy stubs and spill file are `loaded`'s)."""
+    from bnfold import io
+
+    source = io.load_model(loaded.path, lazy=True)
+    return fold_model(source.model, base_dir=source.base_dir, skip=skip, spill=loaded.spill, warnings=loaded.warnings, **options)
 
 
 def _error(verification) -> float:
@@ -473,6 +511,8 @@ def _failure(verification, why: str) -> VerificationFailed:
     return VerificationFailed(f"{what}; {why}; nothing written", verification)
 
 
-def check(model: ModelLike, *, rules=None, freeze_initializer_inputs: bool = False, check_model: bool = False) -> FoldReport:
+def check(model: ModelLike, *, rules=None, freeze_initializer_inputs: bool = False, check_model: bool = False,
+          remove_noops: bool = True) -> FoldReport:
     """Which BN a fold would remove (for CI): the report of a dry run, nothing written."""
-    return fold(model, rules=rules, freeze_initializer_inputs=freeze_initializer_inputs, check_model=check_model).report
+    options = dict(freeze_initializer_inputs=freeze_initializer_inputs, check_model=check_model, remove_noops=remove_noops)
+    return fold(model, rules=rules, **options).report

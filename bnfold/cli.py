@@ -71,6 +71,12 @@ FREEZE_INPUTS = click.option(
     "those the fold changes leave the input list. IR < 4 models always read them as constants.",
 )
 
+KEEP_NOOPS = click.option(
+    "--keep-noops", is_flag=True,
+    help="Keep nodes that compute nothing (Identity, inference Dropout, Cast to the same type, ...); "
+    "by default they are removed first, so that BN behind them fold.",
+)
+
 
 def run_guarded(action):
     """Run a command body; BnfoldError -> one line on stderr and its exit code, never a traceback.
@@ -129,11 +135,12 @@ def main():
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models folded in parallel processes (several MODELs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @FREEZE_INPUTS
+@KEEP_NOOPS
 @CHECK_MODEL
 @verify_options
 def fold_command(
-    models, output, in_place, no_verify, strict, rules, standalone, jobs, as_json, freeze_inputs, check_model,
-    dims, inputs, rtol, atol, providers,
+    models, output, in_place, no_verify, strict, rules, standalone, jobs, as_json, freeze_inputs, keep_noops,
+    check_model, dims, inputs, rtol, atol, providers,
 ):
     """Fold, verify and write MODEL.folded.onnx (or -o OUTPUT).
 
@@ -145,7 +152,7 @@ def fold_command(
         options = dict(
             verify=not no_verify, in_place=in_place, strict=strict, rules=parse_rules(rules), standalone=standalone,
             inputs=inputs, dims=parse_dims(dims), providers=list(providers) or None, rtol=rtol, atol=atol,
-            freeze_initializer_inputs=freeze_inputs, check_model=check_model,
+            freeze_initializer_inputs=freeze_inputs, check_model=check_model, remove_noops=not keep_noops,
         )
         if output == "-" and as_json:
             raise UsageError("--json prints the report on stdout, where -o - writes the model; drop one of them")
@@ -198,12 +205,16 @@ def render_outcome(outcome, verified: bool) -> str:
 @click.option("--rules", help="Comma-separated rule names to consider (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
 @FREEZE_INPUTS
+@KEEP_NOOPS
 @CHECK_MODEL
-def check_command(model, rules, as_json, freeze_inputs, check_model):
+def check_command(model, rules, as_json, freeze_inputs, keep_noops, check_model):
     """Exit 1 if MODEL still carries BatchNormalization that bnfold could fold."""
 
     def action():
-        report = api.check(model, rules=parse_rules(rules), freeze_initializer_inputs=freeze_inputs, check_model=check_model)
+        report = api.check(
+            model, rules=parse_rules(rules), freeze_initializer_inputs=freeze_inputs, check_model=check_model,
+            remove_noops=not keep_noops,
+        )
         for line in render_load_notes(model, report):
             click.echo(line, err=True)
         for folded in report.folded:
@@ -273,6 +284,9 @@ def render_fold(model, result, verified: bool) -> str:
     for kept in report.kept:
         lines.append(f"  kept {printable(kept.graph + kept.bn)}: {printable(kept.reason)}")
     lines += render_affine(report)
+    if report.noops_removed:
+        counts = ", ".join(f"{op} {n}" for op, n in report.noops_removed.items())
+        lines.append(f"  no-op nodes removed: {sum(report.noops_removed.values())} ({counts})")
     lines += render_rolled_back(report)
     if result.verification is not None:
         lines.append(render_verification(result.verification, indent="  "))

@@ -431,13 +431,14 @@ class GraphIndex:
             self._constants[name] = (value, 0)
         return name
 
-    def bypass(self, node: onnx.NodeProto, output: str) -> None:
-        """Remove single-input, single-output `node`; its input's producer now writes `output`.
+    def bypass(self, node: onnx.NodeProto, output: str, source: str | None = None) -> None:
+        """Remove `node`, which passes its input `source` (default: input 0) through to its only
+        output; that input's producer now writes `output`.
 
         Used when the producer's only consumer is `node`: the producer takes over `node`'s output
         name, so graph outputs and downstream consumers keep their names.
         """
-        source = node.input[0]
+        source = node.input[0] if source is None else source
         producer = self.producer[source]
         producer.output[list(producer.output).index(source)] = output
         for reader in self.users(source):  # metadata readers (Shape, CastLike): same dtype and shape
@@ -450,13 +451,14 @@ class GraphIndex:
         self.gone_names.add(source)
         self.remove_node(node, keep_outputs=True)
 
-    def short_circuit(self, node: onnx.NodeProto) -> None:
-        """Remove single-output `node`; whoever read its output reads its input 0 instead.
+    def short_circuit(self, node: onnx.NodeProto, source: str | None = None) -> None:
+        """Remove `node`; whoever read its (first) output reads its input `source` instead
+        (default: input 0).
 
         Used when a BN folds into the op that reads it: the readers take BN's input directly.
         The output must not be a graph output (its name would disappear) nor read by a subgraph.
         """
-        source, output = node.input[0], node.output[0]
+        source, output = node.input[0] if source is None else source, node.output[0]
         if self.is_graph_output(output):
             raise ValueError(f"cannot short-circuit graph output '{output}'")
         for reader in self.users(output):
@@ -570,6 +572,10 @@ class GraphIndex:
         ]
         if dead:
             _drop(self.graph.initializer, [self.initializers.pop(name) for name in dead])
+
+    def read_by_subgraph(self, name: str) -> bool:
+        """Whether a subgraph of one of this graph's nodes reads `name` (an implicit input)."""
+        return self._read_by_subgraph(name)
 
     def _read_by_subgraph(self, name: str) -> bool:
         return any(g.is_used(name) for g in self.children)

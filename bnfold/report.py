@@ -62,6 +62,7 @@ class FoldReport:
     affine_folded: tuple[Folded, ...] = ()  # BN written out as arithmetic, folded
     affine_kept: tuple[Kept, ...] = ()
     warnings: tuple[str, ...] = ()  # what loading found and tolerated (bnfold.findings)
+    noops_removed: dict = dataclasses.field(default_factory=dict)  # op type -> no-op nodes removed (bnfold.noops)
     # initializers listed as graph inputs that the fold read as constants, and why ("IR 3 model",
     # "--freeze-initializer-inputs"); the frozen ones it no longer lists (bnfold.initializer_inputs)
     constant_inputs: tuple[str, ...] = ()
@@ -70,7 +71,7 @@ class FoldReport:
 
     @property
     def modified(self) -> bool:
-        return bool(self.folded or self.affine_folded)
+        return bool(self.folded or self.affine_folded or self.noops_removed)
 
     @property
     def rolled_back(self) -> tuple[Kept, ...]:
@@ -95,6 +96,7 @@ class FoldReport:
             "affine_folded": [f.to_dict() for f in self.affine_folded],
             "affine_kept": [k.to_dict() for k in self.affine_kept],
             "rolled_back": [k.graph + k.bn for k in self.rolled_back],
+            "noops_removed": dict(self.noops_removed),
             "warnings": list(self.warnings),
             "constant_inputs": {
                 "reason": self.constant_inputs_reason or None,

@@ -166,11 +166,12 @@ def assert_same_sites(original, folded, rng, rel=None) -> int:
     return len(sites)
 
 
-def assert_folds(model, rng, expect_left: int, engine=run_auto, rules=None, dims=None, rel=None):
-    """Fold `model`; check validity, BN count, report completeness and numeric equality."""
+def assert_folds(model, rng, expect_left: int, engine=run_auto, rules=None, dims=None, rel=None, **options):
+    """Fold `model`; check validity, BN count, report completeness and numeric equality.
+    `options` go to bnfold.fold (remove_noops=False tests a rule on no-ops it crosses itself)."""
     before = count_bn(model)
     snapshot = model.SerializeToString()
-    result = bnfold.fold(model, rules=rules)
+    result = bnfold.fold(model, rules=rules, **options)
     assert model.SerializeToString() == snapshot, "fold() modified its input"
     onnx.checker.check_model(result.model, full_check=True)
     assert count_bn(result.model) == expect_left, result.report.to_dict()
