@@ -198,6 +198,10 @@ def _output_fields(names) -> bytes:
     return b"".join(pieces)
 
 
+class ReferenceDidNotRun(UsageError):
+    """onnxruntime built the original's session but could not run it on these inputs."""
+
+
 class Refused(Exception):
     """onnxruntime cannot build a session for one of the models."""
 
@@ -262,7 +266,7 @@ def run_ort(session, feeds: dict, which: str, provider: str) -> dict[str, np.nda
     except Exception as err:  # noqa: BLE001 - shape errors and the like, raised at run time
         message = f"onnxruntime could not run the {which} model on {provider}: {error_line(err)}"
         if which == "reference":  # the input does not run on these inputs: not a failed fold
-            raise UsageError(f"{message}; {_RUN_HINT}") from None
+            raise ReferenceDidNotRun(f"{message}; {_RUN_HINT}") from None
         raise VerificationFailed(message) from None  # the inputs ran on the reference: no hint
     return {name: _from_ortvalue(v) for name, v in zip(names, outputs)}
 

@@ -21,6 +21,10 @@ from bnfold.errors import InvalidModel, UsageError, one_line
 DEFAULT_BATCH = 2
 DEFAULT_SPATIAL = 64
 DEFAULT_LENGTH = 16
+# When the original does not run at the default spatial size (a fixed pooling window after a
+# stride-32 backbone, a neck resizing to a skip connection's shape), the next sizes are tried:
+# multiples of the usual total stride, and the classifiers' 224.
+SPATIAL_SIZES = (DEFAULT_SPATIAL, 224, 32, 128, 320, 640)
 # Seeded inputs are generated in float64 first: 2**28 elements is 2 GiB, far above real inputs
 # (an image batch is ~10**6) and far below what a hostile shape asks for.
 MAX_GENERATED_ELEMENTS = 2**28
@@ -73,7 +77,7 @@ def _check_dims(model: onnx.ModelProto, dims) -> dict[str, int]:
     return {name: int(size) for name, size in dims.items()}
 
 
-def _input_shape(value: onnx.ValueInfoProto, dims: dict[str, int]) -> tuple[int, ...]:
+def _input_shape(value: onnx.ValueInfoProto, dims: dict[str, int], spatial: int = DEFAULT_SPATIAL) -> tuple[int, ...]:
     """The input's shape: its fixed dims, and for each dynamic one --dim's size or the default
     (DEFAULT_*); a named dim's size is remembered in `dims`, so every input agrees on it."""
     tensor = value.type.tensor_type
@@ -86,9 +90,9 @@ def _input_shape(value: onnx.ValueInfoProto, dims: dict[str, int]) -> tuple[int,
         if d.HasField("dim_value") and d.dim_value > 0:
             shape.append(d.dim_value)
         elif d.dim_param:
-            shape.append(dims.setdefault(d.dim_param, default_size(axis, rank)))
+            shape.append(dims.setdefault(d.dim_param, default_size(axis, rank, spatial)))
         else:
-            shape.append(default_size(axis, rank))
+            shape.append(default_size(axis, rank, spatial))
     if math.prod(shape) > MAX_GENERATED_ELEMENTS:
         raise UsageError(
             f"input '{value.name}' of shape {tuple(shape)} is too large to generate "
@@ -106,11 +110,24 @@ def has_nonpositive_dims(model: onnx.ModelProto) -> bool:
     )
 
 
-def default_size(axis: int, rank: int) -> int:
+def default_size(axis: int, rank: int, spatial: int = DEFAULT_SPATIAL) -> int:
     """The size of a dynamic dimension no --dim names (see DEFAULT_*)."""
     if axis == 0:
         return DEFAULT_BATCH
-    return DEFAULT_SPATIAL if rank >= 4 and axis >= 2 else DEFAULT_LENGTH
+    return spatial if rank >= 4 and axis >= 2 else DEFAULT_LENGTH
+
+
+def has_default_spatial(model, dims=None) -> bool:
+    """Whether generated inputs would give some spatial dimension its default size (so another
+    size may be tried: SPATIAL_SIZES)."""
+    given = set(dims or {})
+    for value in free_inputs(graph_model(model)):
+        shape = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else ()
+        for axis, d in enumerate(shape):
+            dynamic = not (d.HasField("dim_value") and d.dim_value > 0)
+            if len(shape) >= 4 and axis >= 2 and dynamic and d.dim_param not in given:
+                return True
+    return False
 
 
 def _random_array(rng: np.random.Generator, shape, dtype: np.dtype, name: str) -> np.ndarray:
@@ -124,15 +141,16 @@ def _random_array(rng: np.random.Generator, shape, dtype: np.dtype, name: str) -
     raise UsageError(f"cannot generate input '{name}' of type {dtype}; pass it with --inputs FILE.npz")
 
 
-def generate_inputs(model, dims=None, seed=0) -> dict[str, np.ndarray]:
-    """Seeded inputs for every free graph input; symbolic dims from `dims`, else 2."""
+def generate_inputs(model, dims=None, seed=0, spatial: int = DEFAULT_SPATIAL) -> dict[str, np.ndarray]:
+    """Seeded inputs for every free graph input; dynamic dims from `dims`, else the defaults
+    (`spatial`: the size of spatial ones)."""
     model = graph_model(model)
     dims = _check_dims(model, dims)
     rng = np.random.default_rng(seed)
     feeds = {}
     for value in free_inputs(model):
         dtype = _input_dtype(value)
-        feeds[value.name] = _random_array(rng, _input_shape(value, dims), dtype, value.name)
+        feeds[value.name] = _random_array(rng, _input_shape(value, dims, spatial), dtype, value.name)
     return feeds
 
 

@@ -106,6 +106,7 @@ class Reference:
         self._refusal: engines.Refused | None = None  # onnxruntime cannot build the reference's session
         self._shadow = _UNSET  # the float64 shadow (bnfold.shadow), made when first needed; None: none
         self._dynamic = model_inputs.has_nonpositive_dims(self.graph)
+        self._spatial_tried = [model_inputs.DEFAULT_SPATIAL]
 
     def __enter__(self) -> "Reference":
         return self
@@ -122,7 +123,22 @@ class Reference:
         inputs, dims, seed = self._settings["inputs"], self._settings["dims"], self._settings["seed"]
         if inputs is not None:
             return model_inputs.given_inputs(self.graph, inputs)
-        return model_inputs.generate_inputs(self.graph, dims, seed)
+        return model_inputs.generate_inputs(self.graph, dims, seed, self._spatial_tried[-1])
+
+    def _next_spatial_size(self) -> bool:
+        """Move the generated inputs' default spatial size on (SPATIAL_SIZES) after the original
+        did not run at this one; False when there is no other size to try."""
+        settings = self._settings
+        if settings["inputs"] is not None or not model_inputs.has_default_spatial(self.graph, settings["dims"]):
+            return False
+        left = [size for size in model_inputs.SPATIAL_SIZES if size not in self._spatial_tried]
+        if not left:
+            return False
+        self._spatial_tried.append(left[0])
+        self.__dict__.pop("feeds", None)
+        self._values.clear()
+        self._cached_bytes, self._refusal = 0, None
+        return True
 
     @functools.cached_property
     def providers(self) -> list[str]:
@@ -133,8 +149,25 @@ class Reference:
         site on every provider. `sites` maps site -> the fold made there; None: the sites the
         candidate records (bnfold.sites), else the values both name alike; {}: outputs only.
 
+        When the original does not run on generated inputs, the next spatial size is tried
+        (inputs.SPATIAL_SIZES); the note says which size was used.
+
         A mismatch is a failed Verification, not an exception; VerificationFailed means no
         engine could run the candidate. Bad inputs, dims or providers raise UsageError."""
+        while True:
+            try:
+                verification = self._check(candidate, sites)
+            except engines.ReferenceDidNotRun as err:
+                if not self._next_spatial_size():
+                    raise _sizes_tried(err, self._spatial_tried) from None
+                continue
+            if len(self._spatial_tried) > 1:
+                tried = ", ".join(map(str, self._spatial_tried[:-1]))
+                used = f"inputs at spatial size {self._spatial_tried[-1]} (the original did not run at {tried})"
+                verification = dataclasses.replace(verification, note="; ".join(filter(None, [used, verification.note])))
+            return verification
+
+    def _check(self, candidate, sites) -> Verification:
         cand_graph = model_inputs.graph_model(candidate)
         feeds, providers = self.feeds, self.providers
         extra = [v.name for v in model_inputs.free_inputs(cand_graph) if v.name not in feeds]
@@ -232,6 +265,12 @@ class Reference:
         except Exception:  # noqa: BLE001 - no engine runs the shadow: the plain bound stands
             return {}
         return {name: value for name, value in next(iter(values.values())).items() if name in names}
+
+
+def _sizes_tried(err: Exception, sizes: list[int]) -> engines.ReferenceDidNotRun:
+    if len(sizes) < 2:
+        return err
+    return engines.ReferenceDidNotRun(f"{err} (spatial sizes tried: {', '.join(map(str, sizes))})")
 
 
 def _make_shadow(model) -> onnx.ModelProto | None:

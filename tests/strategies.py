@@ -335,6 +335,17 @@ def relu(b: Builder, v: Value) -> Value:
     return b.node(b.draw(st.sampled_from(["Relu", "Relu", "Identity"])), [v.name], v.shape, v.depth + 1)
 
 
+def noop(b: Builder, v: Value) -> Value:
+    """A node that computes nothing, as exporters write them (bnfold.noops removes it first)."""
+    kind = b.draw(st.sampled_from(["Identity", "Dropout", "Cast", "Mul", "Add"]))
+    if kind == "Cast":
+        return b.node("Cast", [v.name], v.shape, v.depth, to=helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype)))
+    if kind in ("Mul", "Add"):
+        neutral = b.constant(np.full([1] * min(len(v.shape), 2), 1.0 if kind == "Mul" else 0.0, b.dtype), kind.lower())
+        return b.node(kind, [v.name, neutral], v.shape, v.depth)
+    return b.node(kind, [v.name], v.shape, v.depth)
+
+
 def binary(b: Builder, v: Value) -> Value:
     """Add or Mul with another value of the same shape (v itself: fan-out), or with a constant
     that broadcasts (per channel, scalar, or over the last axis)."""
@@ -424,7 +435,7 @@ def bn_linear(b: Builder, v: Value) -> None:
 
 SPATIAL_OPS = (conv, conv_transpose, batchnorm, flatten, reshape)
 FLAT_OPS = (gemm, matmul, batchnorm, reshape)
-ANY_OPS = (batchnorm, relu, binary, binary, concat, shared_linear)
+ANY_OPS = (batchnorm, relu, binary, binary, concat, shared_linear, noop)
 
 
 def single(b: Builder, v: Value) -> None:

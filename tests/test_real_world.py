@@ -174,3 +174,71 @@ def test_real_world_malformed_model_still_refused(rng, tmp_path, breakage):
     assert not (tmp_path / "m.folded.onnx").exists()
     with pytest.raises(bnfold.InvalidModel):
         bnfold.check(tmp_path / "m.onnx")
+
+
+def pooled_head(rng) -> onnx.ModelProto:
+    """Dynamic H and W, a stride-32 layer and a fixed 7x7 average pool (as classifiers exported
+    for 224x224 have): onnxruntime cannot run it at the default size 64, only at 224."""
+    inits = [tensor("W", rng.normal(0, 0.1, [8, 3, 32, 32]).astype(np.float32))]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", strides=[32, 32]),
+        bn_node(inits, "c", "b", rng, 8, name="bn"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("AveragePool", ["r"], ["y"], name="pool", kernel_shape=[7, 7]),
+    ]
+    graph = helper.make_graph(nodes, "pooled", [value_info("x", np.float32, ["N", 3, "H", "W"])], [value_info("y", np.float32, ["N", 8, 1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_real_world_reference_runs_only_at_224_next_size_tried(rng, tmp_path):
+    onnx.save(pooled_head(rng), tmp_path / "m.onnx")
+    result = invoke([tmp_path / "m.onnx"], 0)
+    assert "inputs at spatial size 224 (the original did not run at 64)" in result.stderr
+    assert count_bn(onnx.load(tmp_path / "m.folded.onnx")) == 0
+    pinned = invoke([tmp_path / "m.onnx", "--dim", "H=64", "--dim", "W=64"], 2)  # the user's size stands
+    assert "pass --dim NAME=SIZE" in pinned.stderr and "sizes tried" not in pinned.stderr
+
+
+def fpn_neck(rng) -> onnx.ModelProto:
+    """A detector neck over dynamic H and W: a deep map resized to a skip connection's shape
+    (Resize with sizes from Shape), added, then Conv -> Identity -> BN -> Relu."""
+    inits = [tensor("W1", rng.normal(0, 0.3, [8, 3, 3, 3]).astype(np.float32)),
+             tensor("W2", rng.normal(0, 0.2, [8, 8, 3, 3]).astype(np.float32)),
+             tensor("W3", rng.normal(0, 0.2, [8, 8, 3, 3]).astype(np.float32)),
+             tensor("start", np.array([2], np.int64)), tensor("end", np.array([4], np.int64))]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["skip"], name="c1", strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["skip", "W2"], ["deep"], name="c2", strides=[2, 2], pads=[1, 1, 1, 1]),
+        bn_node(inits, "deep", "deep_bn", rng, 8, name="bn_deep"),
+        helper.make_node("Shape", ["skip"], ["skip_shape"], name="shape"),
+        helper.make_node("Slice", ["skip_shape", "start", "end"], ["hw"], name="slice"),
+        helper.make_node("Shape", ["deep_bn"], ["deep_shape"], name="shape_deep"),
+        helper.make_node("Slice", ["deep_shape", "zero_start", "start"], ["nc"], name="slice_nc"),
+        helper.make_node("Concat", ["nc", "hw"], ["sizes"], name="sizes", axis=0),
+        helper.make_node("Resize", ["deep_bn", "", "", "sizes"], ["up"], name="resize", mode="nearest"),
+        helper.make_node("Add", ["up", "skip"], ["merged"], name="merge"),
+        helper.make_node("Conv", ["merged", "W3"], ["c3"], name="c3", pads=[1, 1, 1, 1]),
+        helper.make_node("Identity", ["c3"], ["c3_id"], name="identity"),
+        bn_node(inits, "c3_id", "c3_bn", rng, 8, name="bn_neck"),
+        helper.make_node("Relu", ["c3_bn"], ["y"], name="relu"),
+    ]
+    inits.append(tensor("zero_start", np.array([0], np.int64)))
+    graph = helper.make_graph(nodes, "fpn", [value_info("x", np.float32, ["N", 3, "H", "W"])], [value_info("y", np.float32, ["N", 8, "h", "w"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_real_world_fpn_neck_dynamic_hw_folds_and_verifies(rng, tmp_path):
+    model = fpn_neck(rng)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = invoke([tmp_path / "m.onnx", "--json"], 0)
+    report = json.loads(result.stdout)
+    assert report["bn_after"] == 0 and report["noops_removed"] == {"Identity": 1}
+    assert report["verification"]["status"] == "passed" and report["verification"]["sites_compared"] == 2
+    folded = onnx.load(tmp_path / "m.folded.onnx")
+    onnx.checker.check_model(folded, full_check=True)
+    assert_same_outputs(model, folded, rng, dims={"N": 2, "H": 64, "W": 64})
