@@ -34,6 +34,7 @@ class FoldResult:
     report: FoldReport
     verification: object | None = None  # bnfold.verify.Verification
     path: pathlib.Path | None = None  # where fold_file wrote the model
+    not_written: str = ""  # why fold_file wrote nothing (a model bnfold already folded)
 
     @property
     def modified(self) -> bool:
@@ -42,6 +43,8 @@ class FoldResult:
     def to_dict(self) -> dict:
         data = self.report.to_dict()
         data["output"] = str(self.path) if self.path else None
+        if self.not_written:
+            data["not_written"] = self.not_written
         data["verification"] = self.verification.to_dict() if self.verification is not None else None
         return data
 
@@ -352,6 +355,9 @@ def fold_file(
     is told what is being done (for a progress display). `freeze_initializer_inputs`,
     `check_model` and `remove_noops` are as for `fold`.
 
+    A model bnfold itself wrote with nothing left to fold is not written again (`result.path`
+    None, `result.not_written` says so): re-running over a folder never makes *.folded.folded.onnx.
+
     The written file (`result.path`) is the product. For model files of 32 MiB or more the
     weights are not read into memory: `result.model` then refers to unchanged weights in the
     input file and to new ones in a temporary file that ends with the process, so it is not a
@@ -370,6 +376,8 @@ def fold_file(
         options = dict(rules=rules, standalone=standalone, freeze_initializer_inputs=freeze_initializer_inputs, remove_noops=remove_noops)
         result = fold_model(loaded.model, base_dir=loaded.base_dir, spill=loaded.spill, warnings=loaded.warnings, **options)
         result = _unless_only_noops(result, lambda **extra: _refold(loaded, {**options, **extra}))
+        if not result.modified and sites.recorded(loaded.model) is not None:
+            return dataclasses.replace(result, not_written=ALREADY_FOLDED)
         check = _checker(reference, result.report) if reference is not None else None
         verification = _stage_and_verify(result, loaded, target, check, phase, early, strict)
     if isinstance(verification, FoldResult):
@@ -497,6 +505,7 @@ def _prepared_once(path, settings: dict):
     return functools.cache(lambda: Reference(path, **settings))
 
 
+ALREADY_FOLDED = "already folded: bnfold wrote this model and nothing is left to fold"
 INCONCLUSIVE_HINT = (
     "nothing informative was compared: constant, non-finite or integer values only; "
     "pass --dim NAME=SIZE or --inputs FILE.npz with inputs that exercise the model"

@@ -170,7 +170,7 @@ def fold_command(
 def fold_single(model, output, options: dict, as_json: bool) -> None:
     with Progress(enabled=not as_json) as progress:
         result = api.fold_file(model, output, on_phase=lambda text: progress.update(f"{model}: {text}"), **options)
-    click.echo(render_fold(model, result, verified=options["verify"]), err=True)
+    click.echo(render_fold(model, result, verified=options["verify"], standalone=options["standalone"]), err=True)
     if as_json:
         click.echo(json.dumps({"input": str(model), **result.to_dict()}, indent=2))
 
@@ -183,17 +183,20 @@ def fold_batch(models, options: dict, jobs: int, as_json: bool) -> None:
             on_done=lambda outcome, count: progress.update(f"{count}/{len(paths)} models done, last {outcome.path}"),
         )
     for outcome in outcomes:
-        click.echo(render_outcome(outcome, options["verify"]), err=True)
+        click.echo(render_outcome(outcome, options["verify"], options["standalone"]), err=True)
     failed = [o for o in outcomes if o.exit_code]
-    click.echo(f"bnfold: {len(outcomes)} models, {len(outcomes) - len(failed)} written, {len(failed)} failed", err=True)
+    already = [o for o in outcomes if o.result is not None and o.result.not_written]
+    written = len(outcomes) - len(failed) - len(already)
+    counts = f"{written} written" + (f", {len(already)} already folded" if already else "")
+    click.echo(f"bnfold: {len(outcomes)} models, {counts}, {len(failed)} failed", err=True)
     if as_json:
         click.echo(json.dumps([o.to_dict() for o in outcomes], indent=2))
     sys.exit(batch.batch_exit_code(outcomes))
 
 
-def render_outcome(outcome, verified: bool) -> str:
+def render_outcome(outcome, verified: bool, standalone: str = "keep") -> str:
     if outcome.result is not None:
-        return render_fold(outcome.path, outcome.result, verified)
+        return render_fold(outcome.path, outcome.result, verified, standalone)
     lines = [render_verification(outcome.verification)] if outcome.verification is not None else []
     what = "verification failed" if outcome.exit_code == 1 else "error"
     lines.append(f"bnfold: {printable(outcome.path)}: {what}: {outcome.error}")
@@ -223,7 +226,7 @@ def check_command(model, rules, as_json, freeze_inputs, keep_noops, check_model)
             click.echo(f"not foldable: {printable(kept.graph + kept.bn)}: {printable(kept.reason)}", err=True)
         click.echo(f"{printable(model)}: {report.bn_before} BatchNormalization, {len(report.folded)} foldable", err=True)
         if as_json:
-            click.echo(json.dumps({"input": str(model), **report.to_dict()}, indent=2))
+            click.echo(json.dumps({"input": str(model), **report.to_check_dict()}, indent=2))
         sys.exit(1 if report.folded else 0)
 
     run_guarded(action)
@@ -275,14 +278,18 @@ def render_load_notes(model, report) -> list[str]:
     return lines
 
 
-def render_fold(model, result, verified: bool) -> str:
+def render_fold(model, result, verified: bool, standalone: str = "keep") -> str:
     report = result.report
+    if result.not_written:
+        return "\n".join([*render_load_notes(model, report), f"bnfold: {printable(model)}: {result.not_written}; nothing written"])
     written = "<stdout>" if str(result.path) == "-" else printable(result.path)
     lines = [*render_load_notes(model, report), f"bnfold: {printable(model)} -> {written}"]
     rules = ", ".join(f"{name} {count}" for name, count in report.rule_counts().items())
     lines.append(f"  BatchNormalization: {report.bn_before} -> {report.bn_after}" + (f" ({rules})" if rules else ""))
     for kept in report.kept:
         lines.append(f"  kept {printable(kept.graph + kept.bn)}: {printable(kept.reason)}")
+    if report.kept and standalone == "keep":
+        lines.append("  --standalone affine replaces a kept BN by Mul + Add where its rank and dtype are known")
     lines += render_affine(report)
     if report.noops_removed:
         counts = ", ".join(f"{op} {n}" for op, n in report.noops_removed.items())

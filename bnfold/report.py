@@ -78,6 +78,19 @@ class FoldReport:
         """BN (and chains) whose fold verification undid (bnfold.rollback)."""
         return tuple(k for k in (*self.kept, *self.affine_kept) if k.reason.endswith(ROLLED_BACK))
 
+    def to_check_dict(self) -> dict:
+        """The report of a dry run (`bnfold check`): the model as it is, and what would fold.
+        `bn_after` is the BN count now; `bn_after_fold` after a fold; records say "foldable"."""
+        data = self.to_dict()
+        for key in ("folded", "affine_folded"):
+            for record in data[key]:
+                record["status"] = "foldable"
+        data["foldable"], data["affine_foldable"] = data.pop("folded"), data.pop("affine_folded")
+        data["noops_removable"] = data.pop("noops_removed")
+        data.pop("rolled_back")
+        data.update(dry_run=True, bn_after=self.bn_before, bn_after_fold=self.bn_after)
+        return data
+
     def rule_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(f.rule for f in self.folded).items()))
 
