@@ -100,7 +100,7 @@ def test_cli_check_clean_exit_0(model_path, tmp_path):
     out = tmp_path / "clean.onnx"
     invoke([model_path, "-o", out], 0)
     result = invoke(["check", out, "--json"], 0)
-    assert json.loads(result.stdout)["folded"] == []
+    assert json.loads(result.stdout)["foldable"] == []
 
 
 def test_cli_verify_pass_and_fail(model_path, tmp_path, rng):

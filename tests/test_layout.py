@@ -72,3 +72,15 @@ def test_layout_no_import_circle():
 def test_layout_circle_finder_finds_a_circle():
     assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_circle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layout_cli_import_loads_neither_onnxruntime_nor_torch():
+    """`bnfold --help` must start fast: onnxruntime and torch load only in the commands that
+    run them (a module check, not a timing)."""
+    import subprocess
+    import sys
+
+    code = "import sys, bnfold.cli; print(sorted(m for m in ('onnxruntime', 'torch') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
