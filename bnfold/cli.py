@@ -12,7 +12,7 @@ import warnings
 
 import click
 
-from bnfold import api, batch
+from bnfold import batch
 from bnfold.errors import BnfoldError, UsageError, VerificationFailed, describe, exit_code_of, printable
 from bnfold.progress import Progress
 
@@ -169,6 +169,8 @@ def fold_command(
 
 def fold_single(model, output, options: dict, as_json: bool) -> None:
     with Progress(enabled=not as_json) as progress:
+        from bnfold import api
+
         result = api.fold_file(model, output, on_phase=lambda text: progress.update(f"{model}: {text}"), **options)
     click.echo(render_fold(model, result, verified=options["verify"], standalone=options["standalone"]), err=True)
     if as_json:
@@ -214,6 +216,8 @@ def check_command(model, rules, as_json, freeze_inputs, keep_noops, check_model)
     """Exit 1 if MODEL still carries BatchNormalization that bnfold could fold."""
 
     def action():
+        from bnfold import api
+
         report = api.check(
             model, rules=parse_rules(rules), freeze_initializer_inputs=freeze_inputs, check_model=check_model,
             remove_noops=not keep_noops,
@@ -355,7 +359,9 @@ def render_verification(verification, indent: str = "") -> str:
     if len(failed) > SHOWN_FAILURES:
         lines.append(f"{indent}  ... and {len(failed) - SHOWN_FAILURES} more differ")
     if verification.inconclusive:
-        lines.append(f"{indent}  inconclusive: {api.INCONCLUSIVE_HINT}")
+        from bnfold.api import INCONCLUSIVE_HINT
+
+        lines.append(f"{indent}  inconclusive: {INCONCLUSIVE_HINT}")
     if verification.note:
         lines.append(f"{indent}  note: {printable(verification.note)}")
     return "\n".join(lines)

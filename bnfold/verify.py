@@ -10,7 +10,9 @@ import contextlib
 import dataclasses
 import functools
 import os
+import sys
 import time
+import types
 
 import numpy as np
 
@@ -293,6 +295,17 @@ def verify(reference, candidate, *, inputs=None, dims=None, providers=None,
     with Reference(reference, **settings) as prepared:
         return prepared.check(candidate, {} if outputs_only else sites)
 
+
+class _CallableModule(types.ModuleType):
+    """`bnfold.verify(...)` is the API function, and `bnfold.verify` is also this module: when
+    the import system first loads it, it binds the module as the package's attribute. Calling
+    the module calls the function, so both spellings work whichever binding is there."""
+
+    def __call__(self, *args, **kwargs) -> Verification:
+        return verify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = [
     "CPU", "CUDA", "REFERENCE", "OutputCheck", "Reference", "Verification", "available_providers",
