@@ -12,7 +12,7 @@ import warnings
 
 import click
 
-from bnfold import batch
+from bnfold import __version__, batch
 from bnfold.errors import BnfoldError, UsageError, VerificationFailed, describe, exit_code_of, printable
 from bnfold.progress import Progress
 
@@ -113,7 +113,7 @@ def _run_reporting_errors(action):
 
 
 @click.group(cls=DefaultCommandGroup, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="bnfold")
+@click.version_option(version=__version__, prog_name="bnfold")
 def main():
     """Fold BatchNormalization out of ONNX models and verify the result with onnxruntime.
 

@@ -84,3 +84,12 @@ def test_layout_cli_import_loads_neither_onnxruntime_nor_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_layout_version_is_pyproject_version():
+    """`bnfold --version` prints bnfold.__version__ (no package metadata lookup at start-up):
+    it must be the version pyproject.toml installs."""
+    import re
+
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == bnfold.__version__
