@@ -115,7 +115,8 @@ def _float_errors(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float, str]
     float32/float64 are compared as they are (one pass when all is finite), others in float64."""
     if ref.dtype not in (np.float32, np.float64):
         ref, cand = ref.astype(np.float64), cand.astype(np.float64)
-    diff = np.abs(cand - ref)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the slow path below sorts it out
+        diff = np.abs(cand - ref)
     worst = diff.max(initial=0.0)
     if np.isfinite(worst):  # no NaN or Inf on either side (inf - inf is nan, x - inf is inf)
         return float(worst), float(np.abs(ref).max(initial=0.0)), ""

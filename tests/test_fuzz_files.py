@@ -313,8 +313,26 @@ def _poke_value(model, rng) -> str:
     return f"tensor {tensor.name} element -> {value}"
 
 
+def _insert_noop(model, rng) -> str:
+    """An exporter habit: an Identity or Dropout right after a node, its readers moved behind it
+    (bnfold removes such nodes before folding)."""
+    graph = _pick(rng, _graphs(model))
+    producers = [(i, n) for i, n in enumerate(graph.node) if n.output and n.output[0]]
+    picked = _pick(rng, producers)
+    if picked is None:
+        return _duplicate(model, rng)
+    index, producer = picked
+    value, op = producer.output[0], _pick(rng, ["Identity", "Identity", "Dropout"])
+    moved = f"{value}_after_{op.lower()}"
+    for node in graph.node:
+        node.input[:] = [moved if name == value else name for name in node.input]
+    graph.node.insert(index + 1, onnx.helper.make_node(op, [value], [moved], name=f"{op.lower()}_{value}"))
+    return f"{op} inserted after {value}"
+
+
 PROTO_MUTATIONS = [
     _delete_field, _delete_node, _delete_initializer, _swap_dtype, _change_int, _rename, _duplicate, _poke_value,
+    _insert_noop, _insert_noop,
 ]
 
 
