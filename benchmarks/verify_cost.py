@@ -7,8 +7,8 @@ interleaved, so a change in verification cost shows as a ratio measured in one r
 
 Models (written once to /tmp/bnfold-bench/verify): the 20,000-block near-identity chain (float32
 rounding accumulates: tests/corpus.py), the onnx package's light ResNet-50 graph with random
-weights (IR 3, weights listed as inputs), and the ResNet-152 and 2,000/20,000-block chains of
-make_models.py. Prints a markdown table: wall time, peak RSS (GNU time), verification seconds,
+weights (IR 3, weights listed as inputs), a 113 MB chain (48 blocks x 256 channels), and the
+ResNet-152 and 2,000/20,000-block chains of make_models.py. Prints a markdown table: wall time, peak RSS (GNU time), verification seconds,
 verdict and the number of outputs and sites compared, from each run's --json report.
 """
 
@@ -24,7 +24,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = pathlib.Path("/tmp/bnfold-bench/verify")
-MODELS = ("chain20k_identity", "zoo_resnet50", "resnet152", "chain2k", "chain20k")
+MODELS = ("chain20k_identity", "zoo_resnet50", "resnet152", "chain113mb", "chain2k", "chain20k")
 
 
 def make_models(names) -> dict[str, pathlib.Path]:
@@ -46,6 +46,8 @@ def make_models(names) -> dict[str, pathlib.Path]:
             onnx.save(corpus.near_identity_chain(np.random.default_rng(0), 20_000), path)
         elif name == "zoo_resnet50":
             onnx.save(corpus.zoo_model("resnet50", np.random.default_rng(0)), path)
+        elif name == "chain113mb":  # 48 blocks x 256 channels: 113 MB of weights, embedded
+            bench.make_chain(name, 48, OUT, channels=256)
         elif name in bench.CHAINS:
             bench.make_chain(name, bench.CHAINS[name], OUT)
         else:
