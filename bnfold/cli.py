@@ -206,34 +206,54 @@ def render_outcome(outcome, verified: bool, standalone: str = "keep") -> str:
 
 
 @main.command("check", epilog=EXIT_CODES)
-@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--rules", help="Comma-separated rule names to consider (default: all).")
-@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable report on stdout (a list for several models).")
 @FREEZE_INPUTS
 @KEEP_NOOPS
 @CHECK_MODEL
-def check_command(model, rules, as_json, freeze_inputs, keep_noops, check_model):
-    """Exit 1 if MODEL still carries BatchNormalization that bnfold could fold."""
+def check_command(models, rules, as_json, freeze_inputs, keep_noops, check_model):
+    """Exit 1 if a MODEL still carries BatchNormalization that bnfold could fold (a dry run:
+    nothing is written). Several MODELs, or a directory (its .onnx files), are checked one by
+    one; a bad model does not stop the others, and the exit code is the worst of them."""
 
     def action():
-        from bnfold import api
-
-        report = api.check(
-            model, rules=parse_rules(rules), freeze_initializer_inputs=freeze_inputs, check_model=check_model,
-            remove_noops=not keep_noops,
-        )
-        for line in render_load_notes(model, report):
-            click.echo(line, err=True)
-        for folded in report.folded:
-            click.echo(f"foldable: {printable(folded.graph + folded.bn)} into {printable(folded.into)} ({folded.rule})", err=True)
-        for kept in report.kept:
-            click.echo(f"not foldable: {printable(kept.graph + kept.bn)}: {printable(kept.reason)}", err=True)
-        click.echo(f"{printable(model)}: {report.bn_before} BatchNormalization, {len(report.folded)} foldable", err=True)
+        options = dict(rules=parse_rules(rules), freeze_initializer_inputs=freeze_inputs, check_model=check_model,
+                       remove_noops=not keep_noops)
+        if len(models) == 1 and not os.path.isdir(models[0]):
+            code, data = check_one(models[0], options)  # a bad model: one line, exit 2, as for fold
+        else:
+            outcomes = [check_one_guarded(path, options) for path in batch.expand_models(models)]
+            code, data = max(c for c, _ in outcomes), [d for _, d in outcomes]
         if as_json:
-            click.echo(json.dumps({"input": str(model), **report.to_check_dict()}, indent=2))
-        sys.exit(1 if report.folded else 0)
+            click.echo(json.dumps(data, indent=2))
+        sys.exit(code)
 
     run_guarded(action)
+
+
+def check_one(model, options: dict) -> tuple[int, dict]:
+    """Check one model, report on stderr: (exit code, its JSON report)."""
+    from bnfold import api
+
+    report = api.check(model, **options)
+    for line in render_load_notes(model, report):
+        click.echo(line, err=True)
+    for folded in report.folded:
+        click.echo(f"foldable: {printable(folded.graph + folded.bn)} into {printable(folded.into)} ({folded.rule})", err=True)
+    for kept in report.kept:
+        click.echo(f"not foldable: {printable(kept.graph + kept.bn)}: {printable(kept.reason)}", err=True)
+    click.echo(f"{printable(model)}: {report.bn_before} BatchNormalization, {len(report.folded)} foldable", err=True)
+    return (1 if report.folded else 0), {"input": str(model), **report.to_check_dict()}
+
+
+def check_one_guarded(model, options: dict) -> tuple[int, dict]:
+    """check_one for one of several models: its bad input is one line and its exit code."""
+    try:
+        return check_one(model, options)
+    except (BnfoldError, MemoryError) as err:
+        click.echo(f"bnfold: {printable(model)}: error: {describe(err)}", err=True)
+        return exit_code_of(err), {"input": str(model), "exit_code": exit_code_of(err), "error": describe(err)}
 
 
 @main.command("verify", epilog=EXIT_CODES)

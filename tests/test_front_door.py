@@ -117,3 +117,21 @@ def test_front_door_python_dash_m_bnfold_is_bnfold(tmp_path):
     assert "verification passed" in done.stderr and (tmp_path / "m.folded.onnx").exists()
     version = subprocess.run([sys.executable, "-m", "bnfold", "--version"], capture_output=True, text=True, env=env, timeout=60)
     assert version.returncode == 0 and "version" in version.stdout
+
+
+def test_front_door_check_several_models_worst_exit_code(folder):
+    assert invoke(["check", folder / "a.onnx", folder / "b.onnx"], 1).stderr.count("foldable") >= 2
+    invoke([folder / "a.onnx"], 0)
+    invoke([folder / "b.onnx"], 0)
+    clean = invoke(["check", folder / "a.folded.onnx", folder / "b.folded.onnx", "--json"], 0)
+    assert [entry["bn_after_fold"] for entry in json.loads(clean.stdout)] == [0, 0]
+    (folder / "bad.onnx").write_bytes(b"not a model")
+    mixed = invoke(["check", folder / "a.folded.onnx", folder / "bad.onnx", "--json"], 2)
+    assert f"bnfold: {folder / 'bad.onnx'}: error: cannot load" in mixed.stderr
+    assert [entry.get("exit_code", 0) for entry in json.loads(mixed.stdout)] == [0, 2]
+    assert invoke(["check", folder], 2).stderr.count("error: cannot load") == 1  # a folder: its *.onnx
+
+
+def test_front_door_pre_commit_hook_runs_bnfold_check():
+    hook = (ROOT / ".pre-commit-hooks.yaml").read_text()
+    assert "id: bnfold-check" in hook and "entry: bnfold check" in hook and r"files: \.onnx$" in hook
