@@ -434,12 +434,12 @@ def _stage_and_verify(result: FoldResult, loaded, target, check, phase, early=No
     return dataclasses.replace(result, verification=verification, path=path)
 
 
-ROLLBACK_ROUNDS = 8  # then the last round undoes every fold left (see _roll_back)
+ROLLBACK_ROUNDS = 16  # then the last round undoes every fold left (see _roll_back)
 
 
 def _roll_back(result: FoldResult, loaded, target, options: dict, verification, check, everything: bool = False) -> FoldResult:
     """Refold `loaded`'s file keeping the BN (and affine chains) whose folds fail verification
-    (bisection), and those an earlier round rolled back; `options` are fold_model's rules,
+    (the first failing fold site's, else found by bisection), and those an earlier round rolled back; `options` are fold_model's rules,
     standalone and freeze_initializer_inputs. The folds left may still fail together (rounding
     that each passes alone): the caller rolls back again; `everything` undoes every fold left."""
     from bnfold import io, rollback
@@ -460,8 +460,8 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
     earlier = {(k.graph, k.bn): k.reason for k in report.rolled_back}
     if everything:
         failing = dict.fromkeys(folds, _error(verification))
-    else:
-        failing = rollback.find_failing_folds(folds, trial, _error(verification))
+    else:  # a failing site names its fold; else bisection
+        failing = rollback.blame_by_site(folds, verification) or rollback.find_failing_folds(folds, trial, _error(verification))
     return refold({**earlier, **rollback.skip_map(failing, failing)})
 
 

@@ -199,7 +199,34 @@ def test_rollback_trials_original_run_once_per_provider(tmp_path, rng, monkeypat
     monkeypatch.setattr(Reference, "check", check)
     result = bnfold.fold_file(src)
     assert [k.bn for k in result.report.kept] == ["bn4"] and result.verification.passed
-    assert len(checked) >= 5, "the first check, at least three bisection trials, the final check"
+    if how == "wrong":  # its fold site fails first: blamed directly, no trial
+        assert len(checked) == 2, "the first check and the final check"
+    else:  # the candidate does not run: no site to blame, bisection
+        assert len(checked) >= 5, "the first check, at least three bisection trials, the final check"
     providers = len(available_providers())
     assert counts == {"sessions": providers, "runs": providers, "inputs": 1}
+    assert_same_outputs(onnx.load(src), onnx.load(result.path), rng)
+
+
+def test_rollback_blamed_by_first_failing_site_without_trials(tmp_path, rng, monkeypatch):
+    """Two wrong folds in a chain: each round blames the first failing site (every site before
+    it verified); two rounds, no bisection trial, and only those two BN are kept."""
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_chain(rng, blocks=6), src)
+    real = WeightAndBiasRule.plan
+
+    def broken(self, bn, node, graph):
+        plan = real(self, bn, node, graph)
+        if bn.label in ("bn1", "bn4") and not isinstance(plan, bnfold.Kept):
+            n, position, value = plan.new_inputs[1]
+            plan.new_inputs[1] = (n, position, (value + 0.5).astype(value.dtype))
+        return plan
+
+    monkeypatch.setattr(WeightAndBiasRule, "plan", broken)
+    checked = []
+    real_check = Reference.check
+    monkeypatch.setattr(Reference, "check", lambda self, c, sites=None: (checked.append(c), real_check(self, c, sites))[1])
+    result = bnfold.fold_file(src)
+    assert sorted(k.bn for k in result.report.kept) == ["bn1", "bn4"] and result.verification.passed
+    assert len(checked) == 3, "the first check, one after each blamed fold"
     assert_same_outputs(onnx.load(src), onnx.load(result.path), rng)
