@@ -6,6 +6,7 @@ Both models run on the same inputs (bnfold.inputs) on every engine and provider
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -29,7 +30,8 @@ PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
 # for the candidate's): never every intermediate of a large model at once. A group costs a
 # session per model, so groups are as few as that allows.
 SITE_GROUP_BYTES = 2**28
-CACHED_REFERENCE_BYTES = 2**28  # the reference's values kept for the next candidate (rollback trials)
+CACHED_REFERENCE_BYTES = 2**28
+TOGETHER_MAX_BYTES = 2**27  # models up to this size get both sessions built at once (see _run_ort)  # the reference's values kept for the next candidate (rollback trials)
 _UNSET = object()
 
 
@@ -228,24 +230,45 @@ class Reference:
         return REFERENCE, {REFERENCE: (ref, engines.run_reference(candidate, self.feeds, "candidate", group))}, note
 
     def _run_ort(self, source, provider: str, group: tuple) -> tuple[dict, dict]:
-        ref = self._reference_ort(provider, group)  # first: its refusal sends both to onnx.reference
-        session = engines.ort_session(source, provider, "candidate")
+        if self._build_together(source, provider, group):
+            # Building a session is most of verifying a deep net (onnxruntime resolves every
+            # node): the two are built at once on the CPU's cores. Only for small models: both
+            # sessions then live at once.
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                reference = pool.submit(self._reference_session, provider, group)
+                candidate = pool.submit(engines.ort_session, source, provider, "candidate")
+                ref = self._reference_run(reference.result(), provider, group)  # its refusal first
+                session = candidate.result()
+        else:
+            ref = self._reference_ort(provider, group)  # first: its refusal sends both to onnx.reference
+            session = engines.ort_session(source, provider, "candidate")
         return ref, engines.run_ort(session, self.feeds, "candidate", provider)
+
+    def _build_together(self, source, provider: str, group: tuple) -> bool:
+        if provider != CPU or (provider, group) in self._values or self._refusal is not None:
+            return False
+        size = len(source.model) if isinstance(source.model, bytes) else os.path.getsize(source.model)
+        return size <= TOGETHER_MAX_BYTES
 
     def _reference_ort(self, provider: str, group: tuple) -> dict[str, np.ndarray]:
         """The reference's values on `provider`: computed once, kept if small enough."""
         key = (provider, group)
         if key in self._values:
             return self._values[key]
+        return self._reference_run(self._reference_session(provider, group), provider, group)
+
+    def _reference_session(self, provider: str, group: tuple):
         if self._refusal is not None:
             raise self._refusal
         try:
             source = engines.ort_source(self.model, self._stack, group, self._dynamic)
-            session = engines.ort_session(source, provider, "reference")
+            return engines.ort_session(source, provider, "reference")
         except engines.Refused as refusal:
             self._refusal = refusal
             raise
-        return self._keep(key, engines.run_ort(session, self.feeds, "reference", provider))
+
+    def _reference_run(self, session, provider: str, group: tuple) -> dict[str, np.ndarray]:
+        return self._keep((provider, group), engines.run_ort(session, self.feeds, "reference", provider))
 
     def _keep(self, key: tuple, values: dict) -> dict:
         size = sum(v.nbytes for v in values.values())
