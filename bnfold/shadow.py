@@ -9,8 +9,9 @@ is? (`bnfold.compare.judge_by_shadow`).
 
 Weights, constants, inputs, declared types and the float targets of Cast and of dtype
 attributes become float64. A model this cannot promote faithfully (quantized ops, ops whose
-float inputs must stay float32 such as Resize's scales, custom domains, sparse tensors) has no
-shadow: `promote` returns None and the plain bound stands.
+float inputs must stay float32 unless a constant feeds them, such as Resize's scales, custom
+domains, sparse tensors) has no shadow: `promote` returns None, or the shadow does not run, and
+the plain bound stands.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ DOUBLE = onnx.TensorProto.DOUBLE
 # meaning is tied to the dtype: no faithful shadow.
 UNPROMOTABLE = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-    "ConvInteger", "MatMulInteger", "Resize", "Upsample", "RoiAlign", "GridSample", "STFT",
+    "ConvInteger", "MatMulInteger", "RoiAlign", "GridSample", "STFT",
 })
+# Float inputs that must stay float32 whatever the data's type: Resize's and Upsample's scales.
+# Kept as they are when an initializer feeds them; computed ones make the shadow fail to run.
+FLOAT32_INPUTS = {"Resize": (2,), "Upsample": (1,)}
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -47,11 +51,12 @@ def promote_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _promote_graph(graph: onnx.GraphProto) -> bool:
+    keep = {node.input[i] for node in graph.node for i in FLOAT32_INPUTS.get(node.op_type, ()) if i < len(node.input)}
     for value in (*graph.input, *graph.output, *graph.value_info):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type in FLOATS:
+        if value.name not in keep and value.type.HasField("tensor_type") and value.type.tensor_type.elem_type in FLOATS:
             value.type.tensor_type.elem_type = DOUBLE
     for i, tensor in enumerate(graph.initializer):
-        if tensor.data_type in FLOATS:
+        if tensor.data_type in FLOATS and tensor.name not in keep:
             graph.initializer[i].CopyFrom(_double(tensor))
     return all(_promote_node(node) for node in graph.node)
 
