@@ -402,7 +402,7 @@ class GraphIndex:
         users = self.consumers.get(name, ())
         if len(users) != 1 or users[0] is not node or list(node.input).count(name) != 1:
             return False
-        return not (self.children and self._read_by_subgraph(name))
+        return not (self.children and self.read_by_subgraph(name))
 
     def _overwrite_initializer(self, name: str, value: np.ndarray) -> None:
         tensor = self.initializers[name]
@@ -431,14 +431,13 @@ class GraphIndex:
             self._constants[name] = (value, 0)
         return name
 
-    def bypass(self, node: onnx.NodeProto, output: str, source: str | None = None) -> None:
-        """Remove `node`, which passes its input `source` (default: input 0) through to its only
-        output; that input's producer now writes `output`.
+    def bypass(self, node: onnx.NodeProto, output: str) -> None:
+        """Remove single-input, single-output `node`; its input's producer now writes `output`.
 
         Used when the producer's only consumer is `node`: the producer takes over `node`'s output
         name, so graph outputs and downstream consumers keep their names.
         """
-        source = node.input[0] if source is None else source
+        source = node.input[0]
         producer = self.producer[source]
         producer.output[list(producer.output).index(source)] = output
         for reader in self.users(source):  # metadata readers (Shape, CastLike): same dtype and shape
@@ -568,16 +567,13 @@ class GraphIndex:
             name
             for name in self.orphan_candidates
             if name in initializers and name not in kept and (not consumers.get(name) or not self.is_used(name))
-            and not (self.children and self._read_by_subgraph(name))
+            and not (self.children and self.read_by_subgraph(name))
         ]
         if dead:
             _drop(self.graph.initializer, [self.initializers.pop(name) for name in dead])
 
     def read_by_subgraph(self, name: str) -> bool:
         """Whether a subgraph of one of this graph's nodes reads `name` (an implicit input)."""
-        return self._read_by_subgraph(name)
-
-    def _read_by_subgraph(self, name: str) -> bool:
         return any(g.is_used(name) for g in self.children)
 
 
