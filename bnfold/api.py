@@ -141,7 +141,7 @@ def fold_model(
         index.finish()
     unlisted = initializer_inputs.put_back(model, listing)
     if folded:
-        sites.record(model, sites.from_report(FoldReport(folded=tuple(folded))))
+        sites.record(model, sites.from_folds(folded))
     bn_folded = tuple(f for f in folded if f.ops == BATCHNORM)
     report = FoldReport(
         folded=bn_folded,
@@ -485,7 +485,7 @@ def _checker(reference, report: FoldReport):
     from bnfold import sites
     from bnfold.verify import Verification
 
-    folded_at = sites.from_report(report)
+    folded_at = sites.from_folds(report.folded + report.affine_folded)
 
     def check(candidate) -> Verification:
         try:

@@ -7,7 +7,7 @@ of the network does (a saturated sigmoid, a softmax over thousands of classes, a
 the failing site names the fold.
 
 Where the sites come from:
-- a fold bnfold just made: its report (`from_report`);
+- a fold bnfold just made: its records (`from_folds`);
 - a model bnfold wrote: the `bnfold.fold_sites` metadata entry it records (`record`/`recorded`),
   a JSON object {"sites": {site: "bn into layer", ...}};
 - any other candidate: the values both main graphs name alike that a layer, a BN or a
@@ -29,13 +29,9 @@ _SITE_PRODUCERS = frozenset({
 })
 
 
-def from_report(report) -> dict[str, str]:
-    """Site -> what was folded there, for the main graph's folds of a FoldReport."""
-    return {
-        f.site: f"{f.bn} into {f.into}"
-        for f in (*report.folded, *report.affine_folded)
-        if f.site and not f.graph
-    }
+def from_folds(folds) -> dict[str, str]:
+    """Site -> what was folded there, for the main graph's Folded records."""
+    return {f.site: f"{f.bn} into {f.into}" for f in folds if f.site and not f.graph}
 
 
 def record(model: onnx.ModelProto, sites: dict[str, str]) -> None:
