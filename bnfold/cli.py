@@ -353,7 +353,7 @@ def render_affine(report) -> list[str]:
     return lines
 
 
-SHOWN_FAILURES = 5  # failing tensors listed per verification; the first in graph order come first
+SHOWN_FAILURES = 5  # failing tensors listed per verification, in the order compared: outputs, then sites in graph order
 
 
 def render_verification(verification, indent: str = "") -> str:

@@ -109,6 +109,7 @@ class Reference:
         self._cached_bytes = 0
         self._refusal: engines.Refused | None = None  # onnxruntime cannot build the reference's session
         self._shadow = _UNSET  # the float64 shadow (bnfold.shadow), made when first needed; None: none
+        self._exact: dict[str, np.ndarray | None] = {}  # the shadow's values by name (see _shadow_values)
         self._dynamic = model_inputs.has_nonpositive_dims(self.graph)
         self._spatial_tried = [model_inputs.DEFAULT_SPATIAL]
 
@@ -120,6 +121,7 @@ class Reference:
 
     def close(self) -> None:
         self._values.clear()
+        self._exact.clear()
         self._stack.close()
 
     @functools.cached_property
@@ -141,6 +143,7 @@ class Reference:
         self._spatial_tried.append(left[0])
         self.__dict__.pop("feeds", None)
         self._values.clear()
+        self._exact.clear()
         self._cached_bytes, self._refusal = 0, None
         return True
 
@@ -181,11 +184,11 @@ class Reference:
         if sites is None:
             sites = site_names.recorded(cand_graph) or site_names.alike(self.graph, cand_graph)
         wanted = site_names.comparable(sites, self.graph, cand_graph)
-        self._cand_dynamic = model_inputs.has_nonpositive_dims(cand_graph)
+        dynamic = model_inputs.has_nonpositive_dims(cand_graph)
         start = time.perf_counter()  # counts the reference's share too when it runs now
         checks, engine, used, note = [], "onnxruntime", (), ""
         for group, first in self._groups(list(wanted)):
-            engine, values, note = self._run(candidate, group)
+            engine, values, note = self._run(candidate, group, dynamic)
             used = tuple(values)
             for provider, (ref, cand) in values.items():
                 checks += self._judge(provider, ref, cand, {name: wanted[name] for name in group}, first)
@@ -215,11 +218,12 @@ class Reference:
             for c in checks
         ]
 
-    def _run(self, candidate, group: tuple) -> tuple[str, dict, str]:
-        """(engine, {provider: (ref values, cand values)}, note): onnxruntime, else onnx.reference."""
+    def _run(self, candidate, group: tuple, dynamic: bool) -> tuple[str, dict, str]:
+        """(engine, {provider: (ref values, cand values)}, note): onnxruntime, else onnx.reference.
+        `dynamic`: the candidate's inputs have dims <= 0 (see engines.ort_source)."""
         with contextlib.ExitStack() as stack:
             try:
-                source = engines.ort_source(candidate, stack, group, self._cand_dynamic)
+                source = engines.ort_source(candidate, stack, group, dynamic)
                 return "onnxruntime", {p: self._run_ort(source, p, group) for p in self.providers}, ""
             except engines.Refused as refusal:
                 note = f"{refusal}; verified with onnx.reference"
@@ -278,7 +282,21 @@ class Reference:
         return values
 
     def _shadow_values(self, names: list[str]) -> dict[str, np.ndarray]:
-        """The float64 shadow's values of `names` (bnfold.shadow); {} when there is none."""
+        """The float64 shadow's values of `names` (bnfold.shadow); {} when there is none. Like
+        the reference's own values they do not depend on the candidate: kept (within
+        CACHED_REFERENCE_BYTES) for the other providers and the next candidates."""
+        missing = [name for name in names if name not in self._exact]
+        fresh = self._run_shadow(missing) if missing else {}
+        for name in missing:  # None: the shadow cannot give it, and is not asked again
+            value = fresh.get(name)
+            size = value.nbytes if value is not None else 0
+            if self._cached_bytes + size <= CACHED_REFERENCE_BYTES:
+                self._exact[name] = value
+                self._cached_bytes += size
+        found = {name: fresh[name] if name in fresh else self._exact.get(name) for name in names}
+        return {name: value for name, value in found.items() if value is not None}
+
+    def _run_shadow(self, names: list[str]) -> dict[str, np.ndarray]:
         if self._shadow is _UNSET:
             self._shadow = _make_shadow(self.model)
         if self._shadow is None:
