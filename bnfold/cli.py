@@ -290,6 +290,13 @@ def verify_command(reference, candidate, as_json, outputs_only, check_model, dim
     run_guarded(action)
 
 
+def shown_path(path) -> str:
+    """A path under the current folder as a relative one (what the user typed, usually), any
+    other as it is; the JSON report keeps it absolute."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith(os.pardir) else relative
+
+
 def render_load_notes(model, report) -> list[str]:
     """One line per tolerated checker finding, and one for initializer inputs read as constants."""
     lines = [f"bnfold: warning: {printable(model)}: {printable(warning)}" for warning in report.warnings]
@@ -306,7 +313,7 @@ def render_fold(model, result, verified: bool, standalone: str = "keep") -> str:
     report = result.report
     if result.not_written:
         return "\n".join([*render_load_notes(model, report), f"bnfold: {printable(model)}: {result.not_written}; nothing written"])
-    written = "<stdout>" if str(result.path) == "-" else printable(result.path)
+    written = "<stdout>" if str(result.path) == "-" else printable(shown_path(result.path))
     lines = [*render_load_notes(model, report), f"bnfold: {printable(model)} -> {written}"]
     rules = ", ".join(f"{name} {count}" for name, count in report.rule_counts().items())
     lines.append(f"  BatchNormalization: {report.bn_before} -> {report.bn_after}" + (f" ({rules})" if rules else ""))

@@ -135,3 +135,13 @@ def test_front_door_check_several_models_worst_exit_code(folder):
 def test_front_door_pre_commit_hook_runs_bnfold_check():
     hook = (ROOT / ".pre-commit-hooks.yaml").read_text()
     assert "id: bnfold-check" in hook and "entry: bnfold check" in hook and r"files: \.onnx$" in hook
+
+
+def test_front_door_summary_names_the_output_as_readme_shows(tmp_path, monkeypatch):
+    """README's sample line: a relative path under the current folder, not a machine's."""
+    (tmp_path / "models").mkdir()
+    shutil.copy(ROOT / "models" / "resnet_mini.onnx", tmp_path / "models" / "resnet_mini.onnx")
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["models/resnet_mini.onnx"], 0)
+    assert "bnfold: models/resnet_mini.onnx -> models/resnet_mini.folded.onnx" in result.stderr
+    assert "bnfold: models/resnet_mini.onnx -> models/resnet_mini.folded.onnx" in (ROOT / "README.md").read_text()
