@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from bnfold import wire
+from bnfold import pieces, wire
 from bnfold.errors import InvalidModel, UsageError, VerificationFailed
 
 CPU = "CPUExecutionProvider"
@@ -122,12 +122,25 @@ def error_line(err: BaseException) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class InPieces:
+    """A deep main graph cut into pieces (bnfold.pieces): the parsed model (external data left
+    on disk, in `data_folder`), its pieces and the values they give."""
+
+    model: onnx.ModelProto
+    pieces: list
+    wanted: tuple[str, ...]
+    data_folder: str | None
+
+
+@dataclasses.dataclass(frozen=True)
 class OrtSource:
     """What onnxruntime builds a session from: a path, or serialised bytes whose external data
-    (if any) lies in `data_folder`."""
+    (if any) lies in `data_folder`; `pieces` when the graph is deep enough to build in pieces
+    (the whole is still there for a graph the pieces cannot serve)."""
 
     model: str | bytes
     data_folder: str | None = None
+    pieces: InPieces | None = None
 
 
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
@@ -142,7 +155,37 @@ def ort_source(model, stack: contextlib.ExitStack, outputs=(), dynamic_dims: boo
     temporary folder when protobuf cannot serialise it in one piece. With `outputs` (values to
     fetch besides the graph outputs) a path's bytes get them spliced into its graph, its
     external data found in the path's folder. `dynamic_dims`: the graph inputs have dims <= 0,
-    which exporters mean as dynamic and onnxruntime reads as fixed; they are cleared first."""
+    which exporters mean as dynamic and onnxruntime reads as fixed; they are cleared first.
+    A main graph of more than pieces.CUT_ABOVE nodes is also cut into pieces."""
+    whole = _whole_source(model, stack, outputs, dynamic_dims)
+    return dataclasses.replace(whole, pieces=_in_pieces(model, outputs))
+
+
+def _in_pieces(model, outputs) -> InPieces | None:
+    folder = None
+    if isinstance(model, onnx.ModelProto):
+        if len(model.graph.node) <= pieces.CUT_ABOVE or model.ByteSize() > _MAX_PROTO_BYTES:
+            return None
+    else:
+        path = os.fspath(model)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                if wire.count_graph_nodes(memoryview(data)) <= pieces.CUT_ABOVE:
+                    return None
+            except wire.WireError:
+                return None  # not laid out as usual: built whole
+        model = onnx.load(path, load_external_data=False)
+        folder = os.path.dirname(os.path.abspath(path))
+    present = [o.name for o in model.graph.output]
+    wanted = (*present, *(name for name in outputs if name not in present))
+    try:
+        cut = pieces.split(model, wanted)
+    except pieces.Unsplittable:
+        return None
+    return InPieces(model, cut, wanted, folder)
+
+
+def _whole_source(model, stack: contextlib.ExitStack, outputs, dynamic_dims: bool) -> OrtSource:
     if dynamic_dims:
         return _with_dynamic_dims(model, stack, outputs)
     if not isinstance(model, onnx.ModelProto):
@@ -217,7 +260,33 @@ def _provider_lock(provider: str):
     return _CUDA_LOCK if provider == CUDA else contextlib.nullcontext()
 
 
+@dataclasses.dataclass(frozen=True)
+class _PieceByPiece:
+    """The session of a source in pieces: each piece is built as the run reaches it."""
+
+    source: OrtSource
+    provider: str
+    which: str
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        cut, provider, which = self.source.pieces, self.provider, self.which
+
+        def run_piece(serialised: bytes, fed: dict) -> dict:
+            session = ort_session(OrtSource(serialised, cut.data_folder), provider, which)
+            return run_ort(session, fed, which, provider)
+
+        try:
+            return pieces.run(cut.model, cut.pieces, cut.wanted, feeds, run_piece)
+        except (pieces.Unsplittable, Refused):  # a refusal the whole may not share: try the whole
+            whole = ort_session(dataclasses.replace(self.source, pieces=None), provider, which)
+            return run_ort(whole, feeds, which, provider)
+
+
 def ort_session(source: OrtSource, provider: str, which: str):
+    """A session over `source` on `provider`; Refused when onnxruntime cannot build it. A
+    source in pieces builds each piece when its run reaches it (see _PieceByPiece)."""
+    if source.pieces is not None:
+        return _PieceByPiece(source, provider, which)
     import onnxruntime as ort
 
     providers = [_with_options(provider)]  # may probe CUDA once (under the lock itself)
@@ -257,8 +326,11 @@ def _from_ortvalue(value) -> np.ndarray:
 
 
 def run_ort(session, feeds: dict, which: str, provider: str) -> dict[str, np.ndarray]:
+    if isinstance(session, _PieceByPiece):
+        return session.run(feeds)
     names = [o.name for o in session.get_outputs()]
-    wanted = {i.name for i in session.get_inputs()}
+    # an initializer that is also an input takes a value given for it (inputs.given_inputs)
+    wanted = {i.name for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
     values = {k: _to_ortvalue(v) for k, v in feeds.items() if k in wanted}
     try:
         with _provider_lock(provider):
@@ -268,7 +340,8 @@ def run_ort(session, feeds: dict, which: str, provider: str) -> dict[str, np.nda
         if which == "reference":  # the input does not run on these inputs: not a failed fold
             raise ReferenceDidNotRun(f"{message}; {_RUN_HINT}") from None
         raise VerificationFailed(message) from None  # the inputs ran on the reference: no hint
-    return {name: _from_ortvalue(v) for name, v in zip(names, outputs)}
+    # a sequence, map or optional output is left out: it is not compared (nor counted as compared)
+    return {name: _from_ortvalue(v) for name, v in zip(names, outputs) if v.is_tensor()}
 
 
 def load_problem(path) -> str | None:

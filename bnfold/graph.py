@@ -88,6 +88,14 @@ def _outer_names_read(graph: onnx.GraphProto) -> set[str]:
     return read - defined
 
 
+def names_read(node: onnx.NodeProto):
+    """The values `node` reads: its inputs, and what its subgraphs read from outside them."""
+    reads = [name for name in node.input if name]
+    if _has_subgraph(node):
+        reads += [name for _, sub in _subgraphs(node) for name in _outer_names_read(sub)]
+    return reads
+
+
 class ModelIndex:
     """Indexes of every graph of a model, plus what they share (names, opsets, tensor reader)."""
 

@@ -30,8 +30,8 @@ PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
 # for the candidate's): never every intermediate of a large model at once. A group costs a
 # session per model, so groups are as few as that allows.
 SITE_GROUP_BYTES = 2**28
-CACHED_REFERENCE_BYTES = 2**28
-TOGETHER_MAX_BYTES = 2**27  # models up to this size get both sessions built at once (see _run_ort)  # the reference's values kept for the next candidate (rollback trials)
+CACHED_REFERENCE_BYTES = 2**28  # the reference's values kept for the next candidate (rollback trials)
+TOGETHER_MAX_BYTES = 2**27  # models up to this size get both sides run at once (see _run_ort)
 _UNSET = object()
 
 
@@ -234,19 +234,19 @@ class Reference:
         return REFERENCE, {REFERENCE: (ref, engines.run_reference(candidate, self.feeds, "candidate", group))}, note
 
     def _run_ort(self, source, provider: str, group: tuple) -> tuple[dict, dict]:
+        def candidate() -> dict:
+            return engines.run_ort(engines.ort_session(source, provider, "candidate"), self.feeds, "candidate", provider)
+
         if self._build_together(source, provider, group):
-            # Building a session is most of verifying a deep net (onnxruntime resolves every
-            # node): the two are built at once on the CPU's cores. Only for small models: both
-            # sessions then live at once.
+            # Building sessions is most of verifying a deep net (onnxruntime resolves every
+            # node; a deep one is built piece by piece as it runs): both sides build and run at
+            # once on the CPU's cores. Only for small models: both sessions then live at once.
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                reference = pool.submit(self._reference_session, provider, group)
-                candidate = pool.submit(engines.ort_session, source, provider, "candidate")
-                ref = self._reference_run(reference.result(), provider, group)  # its refusal first
-                session = candidate.result()
-        else:
-            ref = self._reference_ort(provider, group)  # first: its refusal sends both to onnx.reference
-            session = engines.ort_session(source, provider, "candidate")
-        return ref, engines.run_ort(session, self.feeds, "candidate", provider)
+                reference = pool.submit(self._reference_ort, provider, group)
+                candidate_values = pool.submit(candidate)
+                return reference.result(), candidate_values.result()  # the reference's refusal first
+        # first: the reference's refusal sends both to onnx.reference
+        return self._reference_ort(provider, group), candidate()
 
     def _build_together(self, source, provider: str, group: tuple) -> bool:
         if provider != CPU or (provider, group) in self._values or self._refusal is not None:

@@ -22,6 +22,7 @@ import os
 import onnx
 
 GRAPH, INITIALIZER, GRAPH_OUTPUT, RAW_DATA, EXTERNAL_DATA, DATA_LOCATION = 7, 5, 12, 9, 13, 14
+GRAPH_NODE = 1
 LENGTH_DELIMITED = 2
 
 
@@ -100,6 +101,15 @@ def with_graph_fields(buf, extra: bytes) -> bytes:
         raise WireError("not exactly one graph")
     _, _, start, value, end = graphs[0]
     return b"".join((buf[:start], record(GRAPH, end - value + len(extra)), buf[value:end], extra, buf[end:]))
+
+
+def count_graph_nodes(buf) -> int:
+    """How many nodes the model's main graph has, read from the tags alone (weights skipped)."""
+    graphs = [f for f in fields(buf, 0, len(buf)) if f[0] == GRAPH]
+    if len(graphs) != 1 or graphs[0][1] != LENGTH_DELIMITED:
+        raise WireError("not exactly one graph")
+    _, _, _, value, end = graphs[0]
+    return sum(1 for f in fields(buf, value, end) if f[0] == GRAPH_NODE)
 
 
 def scan(buf, location: str, min_tensor: int) -> tuple[bytes, dict[str, Stub]]:

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
+from bnfold import pieces
 from bnfold.cli import main
 from bnfold.rules.base import WeightAndBiasRule
 from bnfold.verify import generate_inputs
@@ -459,7 +460,14 @@ def test_verify_inside_deep_rounding_explicit_tolerance_rolls_back(deep, tmp_pat
     assert any(line.startswith("  rolled back: ") for line in result.stderr.splitlines())
 
 
-def test_verify_inside_deep_rounding_wrong_fold_fails_at_b25(deep, tmp_path):
+@pytest.mark.parametrize("in_pieces", [False, True])
+def test_verify_inside_deep_rounding_wrong_fold_fails_at_b25(deep, tmp_path, monkeypatch, in_pieces):
+    runs = []
+    if in_pieces:  # as a deep graph is verified (bnfold.pieces), here with 150 nodes
+        monkeypatch.setattr(pieces, "CUT_ABOVE", 16)
+        monkeypatch.setattr(pieces, "PIECE_NODES", 7)
+        real_run = pieces.run
+        monkeypatch.setattr(pieces, "run", lambda *args: runs.append(1) or real_run(*args))
     result = bnfold.fold_file(deep)
     assert result.verification.passed
     right = bnfold.verify(deep, result.path)
@@ -471,6 +479,7 @@ def test_verify_inside_deep_rounding_wrong_fold_fails_at_b25(deep, tmp_path):
     assert (site.output, site.fold) == ("b25", "bn25 into conv25")
     assert site.bound == "float64 shadow" and site.shadow_cand_err > 4 * site.shadow_err
     assert not any(c.output in {f"b{i}" for i in range(25)} for c in failing(verification))
+    assert bool(runs) == in_pieces
 
 
 # --------------------------------------------------------------------------- 9. a candidate without recorded sites
