@@ -435,6 +435,10 @@ def _stage_and_verify(result: FoldResult, loaded, target, check, phase, early=No
 
 
 ROLLBACK_ROUNDS = 16  # then the last round undoes every fold left (see _roll_back)
+ROUNDING_ONLY = (
+    "each fold verifies on its own, so the difference is float rounding the folds accumulate, not a "
+    "wrong fold; loosen --rtol/--atol (left unset, a float64 shadow of the original judges rounding where it runs)"
+)
 
 
 def _roll_back(result: FoldResult, loaded, target, options: dict, verification, check, everything: bool = False) -> FoldResult:
@@ -460,8 +464,12 @@ def _roll_back(result: FoldResult, loaded, target, options: dict, verification, 
     earlier = {(k.graph, k.bn): k.reason for k in report.rolled_back}
     if everything:
         failing = dict.fromkeys(folds, _error(verification))
-    else:  # a failing site names its fold; else bisection
-        failing = rollback.blame_by_site(folds, verification) or rollback.find_failing_folds(folds, trial, _error(verification))
+    else:  # a failing site names its fold, if that fold fails alone too; else bisection
+        failing, proven = rollback.blame_by_site(folds, verification)
+        if not failing or not proven and trial(list(failing))[0]:
+            failing = rollback.find_failing_folds(folds, trial, _error(verification))
+        if not failing:
+            raise _failure(verification, ROUNDING_ONLY)
     return refold({**earlier, **rollback.skip_map(failing, failing)})
 
 

@@ -69,12 +69,18 @@ def test_find_failing_folds_two_culprits_both_found():
     assert sorted(f.bn for f in find_failing_folds(folds(12), trial, error=1.0)) == ["bn2", "bn9"]
 
 
-def test_find_failing_folds_failing_only_together_undoes_the_group():
-    """bn1 and bn6 pass alone but fail together: the smallest failing set containing both is undone."""
-    trial, _ = counting_trial([], combos=[("bn1", "bn6")])
-    failing = {f.bn for f in find_failing_folds(folds(8), trial, error=1.0)}
-    assert {"bn1", "bn6"} <= failing
-    assert trial([f for f in folds(8) if f.bn not in failing])[0], "what is left verifies"
+def test_find_failing_folds_failing_only_together_names_no_culprit():
+    """bn1 and bn6 pass alone but fail together: no fold is wrong (a wrong fold fails alone),
+    the combination only accumulates rounding, so no fold is named to undo."""
+    trial, calls = counting_trial([], combos=[("bn1", "bn6")])
+    assert find_failing_folds(folds(8), trial, error=1.0) == {}
+    assert len(calls) == 2, "both halves pass: no deeper search"
+
+
+def test_find_failing_folds_culprit_found_beside_rounding():
+    """bn3 is wrong; bn10 and bn14 only drift together: bn3 alone is named."""
+    trial, _ = counting_trial(["bn3"], combos=[("bn10", "bn14")])
+    assert [f.bn for f in find_failing_folds(folds(16), trial, error=1.0)] == ["bn3"]
 
 
 def test_rollback_wrong_fold_undone_rest_folded(tmp_path, rng, break_folds_of):
