@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from bnfold import wire
 from bnfold.errors import InvalidModel, one_line
-from bnfold.tensors import byte_size, dtype_name, is_external, iter_tensors, subgraph_initializers
+from bnfold.tensors import byte_size, dtype_name, is_external, iter_tensors, raw_dtype, subgraph_initializers
 
 ALIGN = 4096  # offsets of appended tensors: page-aligned so runtimes can mmap them
 BACKGROUND_COPY_MIN = 2**26  # data files from this size on are copied by DataCopies' thread
@@ -130,15 +130,28 @@ def _data_file_size(file: pathlib.Path, location: str, where) -> int:
 
 
 def read_tensor(tensor: onnx.TensorProto, base_dir) -> np.ndarray:
-    """Decode one tensor, reading its external bytes (only its range) if it has any."""
+    """Decode one tensor, reading its external bytes (only its range) if it has any: straight
+    into the array for the common dtypes (numpy_helper holds the bytes and the array at once)."""
     base_dir = pathlib.Path(base_dir)
-    if is_external(tensor):
-        ref = external_ref(tensor, base_dir)
-        safe_data_path(base_dir, ref.location, tensor.name, base_dir)
     try:
+        if is_external(tensor):
+            ref = external_ref(tensor, base_dir)
+            path = safe_data_path(base_dir, ref.location, tensor.name, base_dir)
+            dtype = raw_dtype(tensor.data_type)
+            count = int(np.prod(tensor.dims, dtype=np.int64))
+            if dtype is not None and ref.length in (None, count * dtype.itemsize):
+                return _read_array(path, ref.offset, dtype, count).reshape(tuple(tensor.dims))
         return numpy_helper.to_array(tensor, str(base_dir))
     except (OSError, ValueError) as e:
         raise InvalidModel(f"{base_dir}: cannot read tensor '{tensor.name}': {one_line(str(e))}") from None
+
+
+def _read_array(path: pathlib.Path, offset: int, dtype: np.dtype, count: int) -> np.ndarray:
+    with open(path, "rb") as f:
+        array = np.fromfile(f, dtype=dtype, count=count, offset=offset)
+    if array.size != count:
+        raise ValueError(f"{path.name} ends {count - array.size} values short of the tensor")
+    return array
 
 
 def plan_data_names(dst: pathlib.Path, locations: list[str], base_dir) -> dict[str, str]:
@@ -162,24 +175,71 @@ def plan_data_names(dst: pathlib.Path, locations: list[str], base_dir) -> dict[s
 
 
 @contextlib.contextmanager
-def externalized(model: onnx.ModelProto, folder: pathlib.Path, data_files: list[str], data_name: str, renames: dict[str, str], threshold: int):
+def externalized(model: onnx.ModelProto, folder: pathlib.Path, data_files: list[str], data_name: str,
+                 renames: dict[str, str], threshold: int, spill=None):
     """Point `model` at the staged data for the duration of serialization, then undo it all.
 
     The big main-graph initializers are appended to the data file but not edited: what is
     yielded maps their index to the record that replaces them (for `wire.plan_splice`), so at
     most one tensor's bytes are copied at a time. Subgraphs' (rare) are edited and restored.
+    Tensors in `spill` (bnfold.loading.Spill: what a fold made) are copied from it in the kernel,
+    never read into memory.
     """
     undo: list = []
     try:
+        spilled = _spilled(model, spill)
         for tensor in iter_tensors(model):
-            if is_external(tensor):
+            if is_external(tensor) and id(tensor) not in spilled:
                 _relocate(tensor, renames, undo)
         main = [(i, t) for i, t in enumerate(model.graph.initializer) if _in_memory_size(t) >= threshold]
         nested = [(None, t) for t in subgraph_initializers(model.graph) if _in_memory_size(t) >= threshold]
-        yield _append_tensors(main + nested, folder, data_files, data_name, undo) if main or nested else {}
+        records = _append_tensors(main + nested, folder, data_files, data_name, undo) if main or nested else {}
+        if spilled:
+            records.update(_append_spilled(list(spilled.values()), folder, data_files, data_name, spill.fileno(), undo))
+        yield records
     finally:
         for restore in reversed(undo):
             restore()
+
+
+def _spilled(model: onnx.ModelProto, spill) -> dict[int, tuple]:
+    """id(tensor) -> (main-graph index or None, tensor, its wire.Stub) for each spilled initializer."""
+    if spill is None or not spill.stubs:
+        return {}
+    found = {}
+    indexed = [*enumerate(model.graph.initializer), *((None, t) for t in subgraph_initializers(model.graph))]
+    for index, tensor in indexed:
+        stub = spill.find(tensor)
+        if stub is not None:
+            found[id(tensor)] = (index, tensor, stub)
+    return found
+
+
+def _append_spilled(spilled: list, folder: pathlib.Path, data_files: list[str], data_name: str, spill_fd: int, undo: list) -> dict[int, bytes]:
+    """`_append_tensors` for spilled tensors: their data copied from the spill file."""
+    records = {}
+    fd = os.open(folder / data_name, os.O_WRONLY | os.O_CREAT, 0o666)  # not O_APPEND: copies write at an offset
+    try:
+        end = os.fstat(fd).st_size  # a data file being copied in is already at its full size
+        for index, tensor, stub in spilled:
+            offset = end + (-end % ALIGN)
+            copy_exactly(spill_fd, stub.data_offset, fd, offset, stub.data_length)
+            end = offset + stub.data_length
+            if index is None:
+                undo.append(_stub_restorer(tensor))
+                _point_at(tensor, data_name, offset, stub.data_length)
+            else:
+                records[index] = _external_record(tensor, data_name, offset, stub.data_length)
+    finally:
+        os.close(fd)
+    if data_name not in data_files:
+        data_files.append(data_name)
+    return records
+
+
+def _stub_restorer(tensor: onnx.TensorProto):
+    saved = tensor.SerializeToString()
+    return lambda: tensor.ParseFromString(saved)
 
 
 def _in_memory_size(tensor: onnx.TensorProto) -> int:
@@ -344,6 +404,30 @@ class DataCopies:
         for _, src, dst, _ in files:
             os.close(src)
             os.close(dst)
+
+
+def copy_exactly(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> None:
+    """Copy `length` bytes from `src` at `src_offset` to `dst` at `dst_offset`: in the kernel
+    where it can, else in chunks of COPY_BUFFER (never the whole range in memory)."""
+    while length > 0:
+        try:
+            done = os.copy_file_range(src, dst, length, src_offset, dst_offset)
+        except AttributeError:  # not Linux
+            done = -1
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            done = -1
+        if done < 0:
+            data = os.pread(src, min(length, COPY_BUFFER), src_offset)
+            pwrite_all(dst, memoryview(data), dst_offset)
+            done = len(data)
+        if done == 0:
+            raise OSError(f"copying tensor data: {length} bytes short")
+        src_offset, dst_offset, length = src_offset + done, dst_offset + done, length - done
+
+
+COPY_BUFFER = 2**20
 
 
 def copy_range(src: int, dst: int, offset: int, length: int) -> int:

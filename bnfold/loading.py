@@ -49,7 +49,7 @@ class LoadedModel:
     # file's (size, mtime) when read, so saving can tell that their bytes are still there
     stubs: dict[str, wire.Stub] = dataclasses.field(default_factory=dict)
     file_stamp: tuple[int, int] | None = None
-    spill: Spill | None = None  # lazy loads: where the tensors a fold makes go (see Spill)
+    spill: Spill | None = None  # lazy loads of big or external models: where the tensors a fold makes go (see Spill)
     stub_location: str | None = None  # lazy loads: the stubs' external data location
     warnings: tuple[str, ...] = ()  # checker findings that do not stop a fold (bnfold.findings)
 
@@ -57,8 +57,9 @@ class LoadedModel:
 class Spill:
     """The big tensors a fold of a lazy load makes, written to an anonymous temporary file as
     they are made instead of held in memory until the model is saved: the model keeps a stub
-    (as for the source's tensors), `read` gives the value back, saving copies the record.
-    Memory then stays at about the graph plus the largest tensor, whatever the model's size."""
+    (as for the source's tensors), `read` gives the value back, saving copies the record (an
+    embedded output) or the data (external data) from it. Memory then stays at about the graph
+    plus the largest tensor, whatever the model's size, even when every weight changes."""
 
     LOCATION = "<bnfold spill>"  # no file by that name: a stub that escaped is refused, not misread
 
@@ -115,7 +116,8 @@ def load_model(path, *, lazy: bool = False, check_model: bool = False) -> Loaded
     external = _check_tensors(model, path)
     external_files = check_external_data(external, base_dir, path, stubs)
     warnings = findings.check_model(path, model, whole_file=not stubs, strict=check_model)
-    spill = Spill(LAZY_MIN_TENSOR) if stubs else None
+    # lazy loads spill what a fold makes: big embedded tensors left on disk, or external data
+    spill = Spill(LAZY_MIN_TENSOR) if stubs or (lazy and external_files) else None
     return LoadedModel(
         model, path.resolve(), base_dir, external_files, stubs, stamp, spill, path.name if stubs else None, warnings
     )

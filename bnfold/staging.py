@@ -233,7 +233,6 @@ def _write_staged(model, staged: StagedModel, source: LoadedModel | None, size_t
         _check_no_stale_stub(splice[0], source)
         _write_spliced(splice[0], staged, source)
     else:  # stubs of a model grown too big to embed stay external refs: the model file is their data
-        _unspill(model, source)
         _write_whole(model, staged, source, size_threshold)
     if not staged.destination.streamed and staged.dst.exists():
         _keep_mode_and_owner(staged.dst, staged.path)
@@ -288,11 +287,16 @@ def _unspill(model: onnx.ModelProto, source: LoadedModel | None) -> None:
 
 
 def _write_whole(model, staged: StagedModel, source: LoadedModel | None, size_threshold: int) -> None:
-    referenced = list(dict.fromkeys(external.external_ref(t, "model").location for t in iter_tensors(model) if is_external(t)))
+    spill = source.spill if source is not None else None
+    locations = (external.external_ref(t, "model").location for t in iter_tensors(model) if is_external(t))
+    referenced = list(dict.fromkeys(location for location in locations if location != Spill.LOCATION))
     if referenced and source is None:
         raise ValueError("model references external data: pass the LoadedModel it came from as source=")
     keeps_external = bool(referenced) or bool(source and source.external_files)
-    data = None if keeps_external else _serialized_embedded(model)
+    data = None
+    if not keeps_external:  # embedded: the spilled tensors' bytes go back into the model
+        _unspill(model, source)
+        data = _serialized_embedded(model)
     if data is not None:
         _write_file(staged.path, data)
     else:
@@ -301,7 +305,7 @@ def _write_whole(model, staged: StagedModel, source: LoadedModel | None, size_th
         append_to = next(iter(renames.values()), f"{staged.dst.name}.data")
         _check_data_targets(staged, source, renames, [*renames.values(), append_to])
         _copy_data_files(staged, source, renames)
-        with external.externalized(model, staged.tmp_dir, staged.data_files, append_to, renames, size_threshold) as records:
+        with external.externalized(model, staged.tmp_dir, staged.data_files, append_to, renames, size_threshold, spill) as records:
             pieces, size = wire.plan_splice(model, {}, records)
             if size >= PROTOBUF_LIMIT:
                 raise WriteFailed(f"cannot write {staged.label}: over 2 GiB even with weights in external data")

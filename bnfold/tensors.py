@@ -32,6 +32,11 @@ _RAW_DTYPES = {
 ONNX_DTYPES = {np.dtype(dtype.str[1:]): onnx_type for onnx_type, dtype in _RAW_DTYPES.items()}
 
 
+def raw_dtype(data_type: int) -> np.dtype | None:
+    """The numpy dtype whose little-endian bytes are `data_type`'s raw_data, for the common ones."""
+    return _RAW_DTYPES.get(data_type)
+
+
 def decode_tensor(tensor: onnx.TensorProto) -> np.ndarray:
     """An embedded tensor's value; raw bytes of common dtypes are viewed, not converted
     (numpy_helper's round trip costs more than the fold itself on small tensors). Read-only."""

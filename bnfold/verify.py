@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from bnfold import engines, shadow
+from bnfold.tensors import is_external, iter_tensors
 from bnfold import inputs as model_inputs
 from bnfold import sites as site_names
 from bnfold.compare import OUTPUT, SITE, OutputCheck, compare_all, compare_outputs, default_tolerance, judge_by_shadow, json_float
@@ -252,7 +253,19 @@ class Reference:
         if provider != CPU or (provider, group) in self._values or self._refusal is not None:
             return False
         size = len(source.model) if isinstance(source.model, bytes) else os.path.getsize(source.model)
-        return size <= TOGETHER_MAX_BYTES
+        return size + self._external_bytes <= TOGETHER_MAX_BYTES
+
+    @functools.cached_property
+    def _external_bytes(self) -> int:
+        """The size of the original's external data files (a session holds their weights too;
+        the candidate's are about as big), 0 for a model in memory or too big to matter."""
+        if isinstance(self.model, onnx.ModelProto) or os.path.getsize(self.model) > TOGETHER_MAX_BYTES:
+            return 0
+        model = onnx.load(os.fspath(self.model), load_external_data=False)
+        folder = os.path.dirname(os.path.abspath(os.fspath(self.model)))
+        locations = {entry.value for tensor in iter_tensors(model) if is_external(tensor)
+                     for entry in tensor.external_data if entry.key == "location"}
+        return sum(os.path.getsize(path) for path in (os.path.join(folder, name) for name in locations) if os.path.isfile(path))
 
     def _reference_ort(self, provider: str, group: tuple) -> dict[str, np.ndarray]:
         """The reference's values on `provider`: computed once, kept if small enough."""

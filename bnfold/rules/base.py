@@ -267,13 +267,13 @@ class WeightAndBiasRule(ForwardRule):
         bias = self.channel_mismatch(bn, graph, node, channels) or self.optional_weight(bn, graph, node, 2, "bias B")
         if isinstance(bias, Kept):
             return bias
-        new_weight = algebra.scale_along_axis(weight, bn.scale, axis=axis, groups=groups)
+        new_weight = algebra.scale_along_axis_cast(weight, bn.scale, axis=axis, groups=groups)
         new_bias = algebra.fold_bias(bias, bn.scale, bn.shift)
         return Plan(
             bn,
             into=node,
             new_inputs=[
-                (node, 1, algebra.cast_like(new_weight, weight.dtype)),
+                (node, 1, new_weight),
                 (node, 2, algebra.cast_like(new_bias, weight.dtype)),
             ],
         )

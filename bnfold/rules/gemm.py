@@ -40,7 +40,7 @@ class BnIntoGemm(ForwardRule):
             bn,
             into=gemm,
             new_inputs=[
-                (gemm, 1, algebra.cast_like(algebra.scale_along_axis(weight, bn.scale, axis), weight.dtype)),
+                (gemm, 1, algebra.scale_along_axis_cast(weight, bn.scale, axis)),
                 (gemm, 2, algebra.cast_like(new_bias, weight.dtype)),
             ],
             attributes=[(gemm, "beta", 1.0)],

@@ -84,7 +84,7 @@ class BnIntoMatMulAdd(ForwardRule):
             bn,
             into=matmul,
             new_inputs=[
-                (matmul, 1, algebra.cast_like(algebra.scale_along_axis(weight, bn.scale, axis=1), weight.dtype)),
+                (matmul, 1, algebra.scale_along_axis_cast(weight, bn.scale, axis=1)),
                 (add, bias_position, algebra.cast_like(new_bias, bias.dtype)),
             ],
         )

@@ -1,0 +1,72 @@
+"""A model whose external weights all change is folded one tensor at a time: each folded weight
+goes to the spill file as it is made and is copied from there into the output's data file,
+so memory holds about the largest weight, not all of them (bnfold.loading.Spill)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold
+from bnfold import algebra
+
+
+def external_chain(path, blocks: int, channels: int, rng) -> int:
+    """`blocks` x Conv 3x3 -> BN -> Relu with every tensor in one data file; the weights' bytes."""
+    inits, nodes, x = [], [], "x"
+    for i in range(blocks):
+        weight = rng.normal(0, 0.05, [channels, channels, 3, 3]).astype(np.float32)
+        stats = (rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.1, channels),
+                 rng.normal(0, 0.1, channels), rng.uniform(0.5, 2, channels))
+        names = [f"W{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"]
+        inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, (weight, *stats))]
+        nodes += [
+            helper.make_node("Conv", [x, names[0]], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", [f"c{i}", *names[1:]], [f"n{i}"], name=f"bn{i}"),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"]),
+        ]
+        x = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "external_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4, 4])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, channels, 4, 4])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+    return blocks * channels * channels * 9 * 4
+
+
+def test_every_weight_changes_peak_memory_is_a_fraction_of_the_weights(tmp_path, rng):
+    src, out = tmp_path / "m.onnx", tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    weights = external_chain(src, blocks=16, channels=256, rng=rng)  # 16 x 2.4 MB
+    largest = weights // 16
+    tracemalloc.start()
+    try:
+        result = bnfold.fold_file(src, out, verify=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.report.bn_after == 0 and len(result.report.folded) == 16
+    # the largest weight read and its folded copy, plus the float64 work of one slice and checks
+    assert peak < 2 * largest + 4 * algebra.CHUNK_BYTES, f"peak {peak / 2**20:.1f} MB"
+    assert peak < 0.25 * weights
+    folded = onnx.load(out, load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in folded.graph.initializer if t.dims == [256, 256, 3, 3])
+    verification = bnfold.verify(src, out)
+    assert verification.status == "passed" and verification.count("site") == 16
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_scale_along_axis_cast_in_slices_is_the_whole_arithmetic(rng, monkeypatch, axis):
+    monkeypatch.setattr(algebra, "CHUNK_BYTES", 64 * 8 * 3)  # three rows of 64 values a slice
+    weight = rng.normal(size=[10, 8, 2, 4]).astype(np.float32)
+    scale = rng.uniform(0.1, 3, weight.shape[axis])
+    expected = algebra.cast_like(algebra.scale_along_axis(weight, scale, axis), np.float32)
+    np.testing.assert_array_equal(algebra.scale_along_axis_cast(weight, scale, axis), expected)
+    # overflow still becomes inf (the rules keep such a BN)
+    big = np.full([10, 8], 6e4, np.float16)
+    assert np.isinf(algebra.scale_along_axis_cast(big, np.full(10, 2.0), 0)).all()
