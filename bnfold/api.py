@@ -14,7 +14,7 @@ from typing import Iterable
 
 import onnx
 
-from bnfold import initializer_inputs, noops, sites
+from bnfold import initializer_inputs, memory, noops, sites
 from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
 from bnfold.report import BATCHNORM, FoldReport, Folded, Kept
@@ -156,6 +156,7 @@ def fold_model(
         constant_inputs=tuple(sorted(listing.backed)) if listing else (),
         constant_inputs_reason=listing.reason if listing else "",
         unlisted_inputs=unlisted,
+        peak_rss_mb=memory.peak_rss_mb(),
     )
     return FoldResult(model, report)
 

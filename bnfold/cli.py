@@ -335,8 +335,18 @@ def render_fold(model, result, verified: bool, standalone: str = "keep") -> str:
     timing = f"  time: fold {report.seconds:.3f} s"
     if result.verification is not None:
         timing += f", verify {result.verification.seconds:.3f} s"
-    lines.append(timing)
+    lines.append(timing + render_memory(report, result.verification))
     return "\n".join(lines)
+
+
+def render_memory(report, verification) -> str:
+    """'; peak memory ... MB folding, ... MB verifying' (bnfold.memory), or "" where unknown."""
+    if report.peak_rss_mb is None:
+        return ""
+    text = f"; peak memory {report.peak_rss_mb:.0f} MB folding"
+    if verification is not None and verification.peak_rss_mb is not None:
+        text += f", {verification.peak_rss_mb:.0f} MB verifying"
+    return text
 
 
 def render_rolled_back(report) -> list[str]:

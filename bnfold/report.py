@@ -68,6 +68,7 @@ class FoldReport:
     constant_inputs: tuple[str, ...] = ()
     constant_inputs_reason: str = ""
     unlisted_inputs: tuple[str, ...] = ()
+    peak_rss_mb: float | None = None  # the process's peak memory when the fold was done (bnfold.memory)
 
     @property
     def modified(self) -> bool:
@@ -117,4 +118,5 @@ class FoldReport:
                 "no_longer_inputs": list(self.unlisted_inputs),
             },
             "seconds": round(self.seconds, 6),
+            "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
         }

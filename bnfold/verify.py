@@ -19,7 +19,7 @@ import numpy as np
 
 import onnx
 
-from bnfold import engines, shadow
+from bnfold import engines, memory, shadow
 from bnfold.tensors import is_external, iter_tensors
 from bnfold import inputs as model_inputs
 from bnfold import sites as site_names
@@ -49,6 +49,7 @@ class Verification:
     checks: tuple[OutputCheck, ...]
     seconds: float
     note: str = ""
+    peak_rss_mb: float | None = None  # the process's peak memory when verification was done (bnfold.memory)
 
     @property
     def status(self) -> str:
@@ -84,6 +85,7 @@ class Verification:
             "max_abs_err": json_float(self.max_abs_err()),
             "max_rel_err": json_float(self.max_rel_err()),
             "seconds": float(self.seconds),
+            "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
             "note": self.note,
             "checks": [c.to_dict() for c in self.checks],
         }
@@ -169,6 +171,7 @@ class Reference:
                 if not self._next_spatial_size():
                     raise _sizes_tried(err, self._spatial_tried) from None
                 continue
+            verification = dataclasses.replace(verification, peak_rss_mb=memory.peak_rss_mb())
             if len(self._spatial_tried) > 1:
                 tried = ", ".join(map(str, self._spatial_tried[:-1]))
                 used = f"inputs at spatial size {self._spatial_tried[-1]} (the original did not run at {tried})"

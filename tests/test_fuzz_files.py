@@ -29,7 +29,6 @@ import time
 
 import numpy as np
 import onnx
-import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 

@@ -413,7 +413,7 @@ def test_reliability_bad_bn_parameters_kept_with_reason(case, model_dir, rng):
     data = json.loads(result.stdout)
     assert data["bn_before"] == data["bn_after"] == 1 and data["folded"] == []
     assert data["kept"][0]["bn"] == "bn" and reason in data["kept"][0]["reason"], data["kept"]
-    assert f"kept bn: " in result.stderr and reason in result.stderr
+    assert "kept bn: " in result.stderr and reason in result.stderr
     assert count_bn(onnx.load(data["output"])) == 1
     check = invoke(["check", path, "--json"], 0)
     assert reason in json.loads(check.stdout)["kept"][0]["reason"]

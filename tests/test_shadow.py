@@ -2,7 +2,6 @@
 to float32 rounding; what cannot be promoted faithfully has no shadow."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

@@ -6,7 +6,6 @@ import pytest
 from onnx import helper
 
 import bnfold
-from bnfold.cli import main
 from conftest import assert_same_outputs, bn_node, count_bn, make_model, run_reference, tensor, value_info
 from test_cli import invoke
 

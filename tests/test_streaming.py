@@ -4,15 +4,21 @@ so memory holds about the largest weight, not all of them (bnfold.loading.Spill)
 
 from __future__ import annotations
 
+import importlib
+import json
 import tracemalloc
 
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 from bnfold import algebra
+from bnfold.cli import main
+
+verify_module = importlib.import_module("bnfold.verify")  # the module (bnfold.verify may be the function)
 
 
 def external_chain(path, blocks: int, channels: int, rng) -> int:
@@ -70,3 +76,29 @@ def test_scale_along_axis_cast_in_slices_is_the_whole_arithmetic(rng, monkeypatc
     # overflow still becomes inf (the rules keep such a BN)
     big = np.full([10, 8], 6e4, np.float16)
     assert np.isinf(algebra.scale_along_axis_cast(big, np.full(10, 2.0), 0)).all()
+
+
+def test_peak_memory_reported_for_folding_and_verifying_apart(tmp_path, rng):
+    src = tmp_path / "m.onnx"
+    external_chain(src, blocks=2, channels=16, rng=rng)
+    result = CliRunner().invoke(main, [str(src), "--json"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    fold_peak, verify_peak = data["peak_rss_mb"], data["verification"]["peak_rss_mb"]
+    assert 0 < fold_peak <= verify_peak  # the process's peak: verifying comes after folding
+    last = result.stderr.splitlines()[-1]
+    assert f"peak memory {fold_peak:.0f} MB folding, {verify_peak:.0f} MB verifying" in last
+
+
+@pytest.mark.parametrize("limit_over_data", [False, True])
+def test_sessions_built_one_after_the_other_when_external_weights_are_big(tmp_path, rng, monkeypatch, limit_over_data):
+    """The model file is small; its external data decides whether both sessions live at once."""
+    src = tmp_path / "m.onnx"
+    weights = external_chain(src, blocks=2, channels=16, rng=rng)
+    monkeypatch.setattr(verify_module, "TOGETHER_MAX_BYTES", 2 * weights if limit_over_data else weights // 2)
+    pools = []
+    real_pool = verify_module.concurrent.futures.ThreadPoolExecutor
+    monkeypatch.setattr(verify_module.concurrent.futures, "ThreadPoolExecutor", lambda *a: pools.append(1) or real_pool(*a))
+    result = bnfold.fold_file(src)
+    assert result.verification.status == "passed"
+    assert bool(pools) == limit_over_data

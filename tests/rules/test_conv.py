@@ -1,6 +1,5 @@
 """bn_into_conv: numeric folds for 1-D/2-D/3-D, groups, bias, dtypes; one refusal per check."""
 
-import bnfold
 import numpy as np
 import pytest
 from onnx import helper

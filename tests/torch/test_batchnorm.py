@@ -206,6 +206,7 @@ def test_batchnorm_chunked_backward_matches_torch(chunk, monkeypatch):
     x = batch((5, 3, 2, 2), torch.float32, torch.Generator().manual_seed(9))
     grad = torch.randn(x.shape)
     (y, gx), (y_ref, gx_ref) = train_step(ours, x, grad), train_step(ref, x, grad)
+    assert_close(y, y_ref, TOL[torch.float32], "output")
     assert_close(gx, gx_ref, TOL[torch.float32], "grad input")
     assert_close(ours.weight.grad, ref.weight.grad, PARAM_TOL[torch.float32], "grad weight")
 
