@@ -15,6 +15,7 @@ from typing import Iterable
 import onnx
 
 from bnfold import initializer_inputs, memory, noops, sites
+from bnfold.weights import QuantizedWrite
 from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
 from bnfold.report import BATCHNORM, FoldReport, Folded, Kept
@@ -297,8 +298,10 @@ def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules, skip=None) -> Folde
         rule, result, candidate = _match_direction(bn, graph, rules, direction)
         if not isinstance(result, Kept):
             label, site = bn.label, plan_site(result)  # before the edit: a BN turned into an Add would be named as the Add
+            quantized = [value for _, _, value in result.new_inputs if isinstance(value, QuantizedWrite)]
+            rounding = max((w.rounding for w in quantized if w.rounding is not None), default=None)
             apply_plan(result, graph)
-            return Folded(label, node_label(result.into), rule.name, graph.path, site=site)
+            return Folded(label, node_label(result.into), rule.name, graph.path, site=site, quantized=bool(quantized), bias_rounding=rounding)
         attempts.append((result, candidate))
     (forward, has_producer), (backward, has_consumer) = attempts
     if has_producer and not has_consumer:

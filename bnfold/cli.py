@@ -240,7 +240,8 @@ def check_one(model, options: dict) -> tuple[int, dict]:
     for line in render_load_notes(model, report):
         click.echo(line, err=True)
     for folded in report.folded:
-        click.echo(f"foldable: {printable(folded.graph + folded.bn)} into {printable(folded.into)} ({folded.rule})", err=True)
+        weight = ", into its quantized weight" if folded.quantized else ""
+        click.echo(f"foldable: {printable(folded.graph + folded.bn)} into {printable(folded.into)} ({folded.rule}{weight})", err=True)
     for kept in report.kept:
         click.echo(f"not foldable: {printable(kept.graph + kept.bn)}: {printable(kept.reason)}", err=True)
     click.echo(f"{printable(model)}: {report.bn_before} BatchNormalization, {len(report.folded)} foldable", err=True)
@@ -322,6 +323,7 @@ def render_fold(model, result, verified: bool, standalone: str = "keep") -> str:
     if report.kept and standalone == "keep":
         lines.append("  --standalone affine replaces a kept BN by Mul + Add where its rank and dtype are known")
     lines += render_affine(report)
+    lines += render_quantized(report)
     if report.noops_removed:
         counts = ", ".join(f"{op} {n}" for op, n in report.noops_removed.items())
         lines.append(f"  no-op nodes removed: {sum(report.noops_removed.values())} ({counts})")
@@ -357,6 +359,18 @@ def render_rolled_back(report) -> list[str]:
     if not report.folded and not report.affine_folded:
         return [f"  rolled back: every fold ({undone}) failed verification; the model is written with no fold applied"]
     return [f"  rolled back: {undone} fold{'s' * (undone != 1)} failed verification (kept above); the others verified"]
+
+
+def render_quantized(report) -> list[str]:
+    """One line when folds went into quantized weights (bnfold.weights): what changed there."""
+    folds = [f for f in report.folded if f.quantized]
+    if not folds:
+        return []
+    line = f"  into quantized weights: {len(folds)} BN (each weight's scale took |BN scale|, its integers kept or negated exactly)"
+    roundings = [f.bias_rounding for f in folds if f.bias_rounding is not None]
+    if roundings:
+        line += f"; {len(roundings)} int32 biases quantized again, the shift rounded by at most {max(roundings):.2f} of a step"
+    return [line]
 
 
 def render_affine(report) -> list[str]:

@@ -495,6 +495,32 @@ class GraphIndex:
         self.consumers[bias_name].append(add)
         return add
 
+    def copy_node(self, node: onnx.NodeProto) -> onnx.NodeProto:
+        """A copy of `node` writing fresh names, placed right after it (for a fold that must
+        change a node other readers still need as it is)."""
+        copy = self.graph.node.add()  # appended; finish() moves it right after `node`
+        copy.CopyFrom(node)
+        if node.name:
+            copy.name = self.model.unique_name(f"{node.name}_bnfold")
+        for i, name in enumerate(node.output):
+            if name:
+                copy.output[i] = self.model.unique_name(f"{name}_bnfold")
+                self.producer[copy.output[i]] = copy
+        for name in copy.input:
+            if name:
+                self.consumers[name].append(copy)
+        self.nodes.append(copy)
+        self.after.append((copy, node))
+        return copy
+
+    def set_input(self, node: onnx.NodeProto, position: int, name: str) -> None:
+        """Point input `position` of `node` at the value `name`."""
+        old = node.input[position]
+        if old:
+            self._drop_use(old, node)
+        node.input[position] = name
+        self.consumers[name].append(node)
+
     def remove_node(self, node: onnx.NodeProto, keep_outputs: bool = False) -> None:
         self.removed.add(id(node))
         for name in node.input:

@@ -28,10 +28,16 @@ class Folded:
     # the folded layer (forward), or the output of the layer that absorbed BN (backward). Both
     # models name it alike, so verification compares it there (see bnfold.sites).
     site: str = ""
+    # Folded into a weight a DequantizeLinear makes (bnfold.weights): its scale took BN's scale;
+    # `bias_rounding`: an int32 bias quantized again, its largest rounding in steps (<= 0.5).
+    quantized: bool = False
+    bias_rounding: float | None = None
 
     def to_dict(self) -> dict:
         site = {"site": self.site} if self.site else {}
-        return {"bn": self.bn, "status": "folded", "into": self.into, "rule": self.rule, "graph": self.graph, **site, **_ops(self.ops)}
+        quantized = {"quantized": True, "bias_rounding_steps": self.bias_rounding} if self.quantized else {}
+        return {"bn": self.bn, "status": "folded", "into": self.into, "rule": self.rule, "graph": self.graph,
+                **site, **_ops(self.ops), **quantized}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import functools
 import numpy as np
 import onnx
 
-from bnfold import algebra
+from bnfold import algebra, weights
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, attribute, node_label, reads_only_metadata
 from bnfold.report import Kept
 
@@ -65,6 +65,9 @@ def match_batchnorm(node: onnx.NodeProto, graph: GraphIndex) -> BatchNorm | Kept
     params = []
     for name, value_name in zip(BN_PARAMS, list(node.input)[1:5]):
         value = graph.constant(value_name)
+        source = weights.quantized_source(graph, value_name) if value is None else None
+        if isinstance(source, weights.Quantized):  # quantized parameters (quantize_static writes them): their values
+            value = source.values
         if value is None:
             source = graph.describe_source(value_name)
             return Kept(node_label(node), f"{name} is not a constant (it comes from {source})", graph.path)
@@ -103,8 +106,39 @@ def match_producer(bn: BatchNorm, graph: GraphIndex, op_types: tuple[str, ...]) 
     """The node computing BN's input, if it is one of `op_types` and BN is its only user."""
     producer = graph.producer.get(bn.x)
     if producer is None or producer.domain not in DEFAULT_DOMAINS or producer.op_type not in op_types:
+        layer = _behind_activation_quantizer(graph, producer, "backward")
+        if layer is not None:
+            return Kept(bn.label, activation_quantizer_reason(layer, "and BN"), graph.path)
         return Kept(bn.label, f"no foldable producer: input comes from {graph.describe_source(bn.x)}", graph.path)
     return check_sole_use(bn, graph, producer, bn.x, bn.node)
+
+
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def _behind_activation_quantizer(graph: GraphIndex, node, way: str):
+    """The layer on the far side of a QuantizeLinear -> DequantizeLinear pair of activations,
+    `node` being the pair's end on this side (the DequantizeLinear going backward, the
+    QuantizeLinear going forward); None when there is no such layer."""
+    first, second = ("DequantizeLinear", "QuantizeLinear") if way == "backward" else ("QuantizeLinear", "DequantizeLinear")
+    if node is None or node.op_type != first or node.domain not in DEFAULT_DOMAINS or not node.input:
+        return None
+    if way == "backward":
+        pair = graph.producer.get(node.input[0])
+        far = graph.producer.get(pair.input[0]) if pair is not None and pair.input else None
+    else:
+        readers = graph.users(node.output[0])
+        pair = readers[0] if len(readers) == 1 else None
+        readers = graph.users(pair.output[0]) if pair is not None else []
+        far = readers[0] if len(readers) == 1 else None
+    if pair is None or pair.op_type != second or far is None or far.op_type not in LAYER_OPS:
+        return None
+    return far
+
+
+def activation_quantizer_reason(layer, where: str) -> str:
+    return (f"an activation QuantizeLinear/DequantizeLinear pair lies between {layer.op_type} '{node_label(layer)}' "
+            f"{where}: a per-channel scale cannot pass a per-tensor activation quantizer exactly; {weights.FOLD_BEFORE_QUANTIZING}")
 
 
 def check_sole_use(bn: BatchNorm, graph: GraphIndex, producer, value: str, reader) -> onnx.NodeProto | Kept:
@@ -140,7 +174,7 @@ class Plan:
 
 def finite_or_kept(bn: BatchNorm, graph: GraphIndex, plan: Plan) -> Plan | Kept:
     """Refuse a fold whose cast-back tensors overflowed (float16 weights times a large scale)."""
-    arrays = [a for _, _, a in plan.new_inputs]
+    arrays = [getattr(a, "value", a) for _, _, a in plan.new_inputs]  # a QuantizedWrite's: what the layer reads
     arrays += [a for a in (plan.bn_becomes_add, plan.bias_after) if a is not None]
     if all(_all_finite(a) for a in arrays):
         return plan
@@ -177,6 +211,9 @@ def apply_plan(plan: Plan, graph: GraphIndex) -> None:
 def apply_new_tensors(plan: Plan, graph: GraphIndex) -> None:
     """The plan's new constants and attributes, and its bias Add after `into` (if any)."""
     for node, position, value in plan.new_inputs:
+        if isinstance(value, weights.QuantizedWrite):  # written where the weight comes from
+            value.apply(graph, node, position)
+            continue
         old = node.input[position] if position < len(node.input) else ""
         graph.set_constant_input(node, position, value, f"{old or node_label(node)}_bnfold")
     for node, name, value in plan.attributes:
@@ -190,6 +227,10 @@ class Rule:
 
     name = ""
     direction = ""
+    # Whether the rule writes its weight through bnfold.weights, and so may fold into a weight
+    # that a DequantizeLinear makes; else why not (the reason a quantized weight is kept with).
+    quantized_weights = False
+    quantized_refusal = "this rule does not fold into quantized weights"
 
     def targets(self, bn: BatchNorm, graph: GraphIndex) -> bool:
         """Read-only: whether BN's neighbour in this rule's direction is the op this rule folds into."""
@@ -198,14 +239,23 @@ class Rule:
     def match(self, bn: BatchNorm, graph: GraphIndex) -> Plan | Kept:
         raise NotImplementedError
 
-    @staticmethod
-    def weight(bn: BatchNorm, graph: GraphIndex, node: onnx.NodeProto, position: int, what: str) -> np.ndarray | Kept:
-        """An input of the op BN folds into that must be a float constant (a weight)."""
+    @classmethod
+    def weight(cls, bn: BatchNorm, graph: GraphIndex, node: onnx.NodeProto, position: int, what: str) -> np.ndarray | Kept:
+        """An input of the op BN folds into that must be a float constant (a weight), or
+        (`quantized_weights`) what a DequantizeLinear of constants makes of one."""
         name = node.input[position] if position < len(node.input) else ""
         value = graph.constant(name) if name else None
         if value is None:
+            layer = f"{node.op_type} '{node_label(node)}' {what}"
+            source = weights.quantized_source(graph, name) if name else None
+            if isinstance(source, weights.Quantized):
+                if cls.quantized_weights:
+                    return source.values
+                return Kept(bn.label, f"{layer} is quantized ({source.label}): {cls.quantized_refusal}", graph.path)
+            if isinstance(source, str):
+                return Kept(bn.label, f"{layer} is quantized, but {source}", graph.path)
             where = graph.describe_source(name) if name else "nowhere"
-            return Kept(bn.label, f"{node.op_type} '{node_label(node)}' {what} is not a constant (it comes from {where})", graph.path)
+            return Kept(bn.label, f"{layer} is not a constant (it comes from {where})", graph.path)
         if not is_float(value):
             return Kept(bn.label, f"{node.op_type} '{node_label(node)}' {what} has non-float dtype {value.dtype}", graph.path)
         return value
@@ -216,6 +266,27 @@ class Rule:
         if position >= len(node.input) or not node.input[position]:
             return None
         return cls.weight(bn, graph, node, position, what)
+
+    @staticmethod
+    def scaled_weight(bn: BatchNorm, graph: GraphIndex, node, position: int, weight: np.ndarray, axis: int, groups: int = 1):
+        """Input `position` of `node` (read as `weight`) times BN's scale along `axis`, written
+        where it comes from (bnfold.weights): a new array, a QuantizedWrite, or Kept."""
+        source = weights.quantized_source(graph, node.input[position])
+        if not isinstance(source, weights.Quantized):
+            return algebra.scale_along_axis_cast(weight, bn.scale, axis=axis, groups=groups)
+        write = weights.scaled(source, bn.scale, axis, groups)
+        return Kept(bn.label, f"{node.op_type} '{node_label(node)}' weight: {write}", graph.path) if isinstance(write, str) else write
+
+    @staticmethod
+    def new_bias(bn: BatchNorm, graph: GraphIndex, node, position: int, bias64: np.ndarray, dtype):
+        """The folded bias `bias64` (float64) for input `position` of `node`: cast to `dtype`,
+        or quantized again where a DequantizeLinear makes the old one (or Kept)."""
+        name = node.input[position] if position < len(node.input) else ""
+        source = weights.quantized_source(graph, name) if name else None
+        if not isinstance(source, weights.Quantized):
+            return algebra.cast_like(bias64, dtype)
+        write = weights.rebiased(source, np.asarray(bias64, np.float64).reshape(-1), bn.scale)
+        return Kept(bn.label, f"{node.op_type} '{node_label(node)}' bias: {write}", graph.path) if isinstance(write, str) else write
 
 
 class ForwardRule(Rule):
@@ -247,10 +318,13 @@ class ForwardRule(Rule):
 
 class WeightAndBiasRule(ForwardRule):
     """Producers with a weight input 1 and an optional per-channel bias input 2 (Conv family).
+    Their weight and bias may be quantized (bnfold.weights).
 
     Subclasses only say where the output channels lie in the weight: `weight_layout` returns
     (axis, groups), the output-channel count being weight.shape[axis] * groups for axis > 0.
     """
+
+    quantized_weights = True
 
     def weight_layout(self, bn: BatchNorm, node: onnx.NodeProto, weight: np.ndarray, graph: GraphIndex):
         raise NotImplementedError
@@ -267,16 +341,13 @@ class WeightAndBiasRule(ForwardRule):
         bias = self.channel_mismatch(bn, graph, node, channels) or self.optional_weight(bn, graph, node, 2, "bias B")
         if isinstance(bias, Kept):
             return bias
-        new_weight = algebra.scale_along_axis_cast(weight, bn.scale, axis=axis, groups=groups)
-        new_bias = algebra.fold_bias(bias, bn.scale, bn.shift)
-        return Plan(
-            bn,
-            into=node,
-            new_inputs=[
-                (node, 1, new_weight),
-                (node, 2, algebra.cast_like(new_bias, weight.dtype)),
-            ],
-        )
+        new_weight = self.scaled_weight(bn, graph, node, 1, weight, axis, groups)
+        if isinstance(new_weight, Kept):
+            return new_weight
+        new_bias = self.new_bias(bn, graph, node, 2, algebra.fold_bias(bias, bn.scale, bn.shift), weight.dtype)
+        if isinstance(new_bias, Kept):
+            return new_bias
+        return Plan(bn, into=node, new_inputs=[(node, 1, new_weight), (node, 2, new_bias)])
 
 
 # Ops between BN and the op it folds into that keep the values element for element (in inference),
@@ -360,6 +431,10 @@ class BackwardRule(Rule):
     direction = "backward"
     consumer_ops: tuple[str, ...] = ()
     through_flatten = False
+    quantized_refusal = (
+        "a BN before the layer scales its input channels, which the weight's quantization (per tensor or "
+        f"per output channel) cannot absorb exactly; {weights.FOLD_BEFORE_QUANTIZING}"
+    )
 
     def accepts(self, path: Path) -> bool:
         return (
@@ -406,6 +481,9 @@ def no_consumer_reason(bn: BatchNorm, graph: GraphIndex, path: Path | Kept, ops:
     """Why no backward rule applies: the walk's own reason, or what BN's output leads to."""
     if isinstance(path, Kept):
         return path
+    layer = _behind_activation_quantizer(graph, path.consumer, "forward")
+    if layer is not None:
+        return Kept(bn.label, activation_quantizer_reason(layer, "and the BN before it"), graph.path)
     node = f"{path.consumer.op_type} '{node_label(path.consumer)}'"
     if path.flatten is not None:
         node = f"{path.flatten.op_type} '{node_label(path.flatten)}' then {node}"

@@ -17,6 +17,7 @@ from bnfold.rules.base import BatchNorm, ForwardRule, Plan, attribute
 class BnIntoGemm(ForwardRule):
     name = "bn_into_gemm"
     producer_ops = ("Gemm",)
+    quantized_weights = True
 
     def plan(self, bn: BatchNorm, gemm, graph) -> Plan | Kept:
         weight = self.weight(bn, graph, gemm, 1, "B")
@@ -35,13 +36,10 @@ class BnIntoGemm(ForwardRule):
             return Kept(bn.label, f"Gemm C has rank {bias.ndim}, expected at most 2", graph.path)
         beta = attribute(gemm, "beta", 1.0)
         scaled_bias = None if bias is None else np.float64(beta) * bias.astype(np.float64)
-        new_bias = algebra.fold_bias(scaled_bias, bn.scale, bn.shift, channel_axis=-1)
-        return Plan(
-            bn,
-            into=gemm,
-            new_inputs=[
-                (gemm, 1, algebra.scale_along_axis_cast(weight, bn.scale, axis)),
-                (gemm, 2, algebra.cast_like(new_bias, weight.dtype)),
-            ],
-            attributes=[(gemm, "beta", 1.0)],
-        )
+        new_weight = self.scaled_weight(bn, graph, gemm, 1, weight, axis)
+        if isinstance(new_weight, Kept):
+            return new_weight
+        new_bias = self.new_bias(bn, graph, gemm, 2, algebra.fold_bias(scaled_bias, bn.scale, bn.shift, channel_axis=-1), weight.dtype)
+        if isinstance(new_bias, Kept):
+            return new_bias
+        return Plan(bn, into=gemm, new_inputs=[(gemm, 1, new_weight), (gemm, 2, new_bias)], attributes=[(gemm, "beta", 1.0)])

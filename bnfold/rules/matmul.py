@@ -41,23 +41,22 @@ def match_matmul_weight(rule: ForwardRule, bn: BatchNorm, matmul, graph):
 class BnIntoMatMul(ForwardRule):
     name = "bn_into_matmul"
     producer_ops = ("MatMul",)
+    quantized_weights = True
 
     def plan(self, bn: BatchNorm, matmul, graph) -> Plan | Kept:
         weight = match_matmul_weight(self, bn, matmul, graph)
         if isinstance(weight, Kept):
             return weight
-        new_weight = algebra.scale_along_axis(weight, bn.scale, axis=1)
-        return Plan(
-            bn,
-            into=matmul,
-            new_inputs=[(matmul, 1, algebra.cast_like(new_weight, weight.dtype))],
-            bn_becomes_add=algebra.cast_like(bn.shift, weight.dtype),
-        )
+        new_weight = self.scaled_weight(bn, graph, matmul, 1, weight, axis=1)
+        if isinstance(new_weight, Kept):
+            return new_weight
+        return Plan(bn, into=matmul, new_inputs=[(matmul, 1, new_weight)], bn_becomes_add=algebra.cast_like(bn.shift, weight.dtype))
 
 
 class BnIntoMatMulAdd(ForwardRule):
     name = "bn_into_matmul_add"
     producer_ops = ("Add",)
+    quantized_weights = True
 
     def targets(self, bn: BatchNorm, graph) -> bool:
         """Only an Add with a MatMul operand: a residual Add is not this rule's business."""
@@ -79,15 +78,13 @@ class BnIntoMatMulAdd(ForwardRule):
             return bias
         if bias.ndim > self.max_bias_rank:
             return Kept(bn.label, f"Add bias has rank {bias.ndim}, expected at most {self.max_bias_rank}", graph.path)
-        new_bias = algebra.fold_bias(bias, bn.scale, bn.shift, channel_axis=-1)
-        return Plan(
-            bn,
-            into=matmul,
-            new_inputs=[
-                (matmul, 1, algebra.scale_along_axis_cast(weight, bn.scale, axis=1)),
-                (add, bias_position, algebra.cast_like(new_bias, bias.dtype)),
-            ],
-        )
+        new_weight = self.scaled_weight(bn, graph, matmul, 1, weight, axis=1)
+        if isinstance(new_weight, Kept):
+            return new_weight
+        new_bias = self.new_bias(bn, graph, add, bias_position, algebra.fold_bias(bias, bn.scale, bn.shift, channel_axis=-1), bias.dtype)
+        if isinstance(new_bias, Kept):
+            return new_bias
+        return Plan(bn, into=matmul, new_inputs=[(matmul, 1, new_weight), (add, bias_position, new_bias)])
 
     max_bias_rank = 2  # the product is [N, C]
 

@@ -107,7 +107,7 @@ def backward_preferred(bn: BatchNorm, activation, graph, backward_rules) -> Kept
 
 def with_shift_after(bn: BatchNorm, plan: Plan, graph) -> Plan | Kept:
     """The producer's plan (scale only), with BN turned into Add(shift) on axis 1, or removed."""
-    weight = plan.new_inputs[0][2]
+    weight = getattr(plan.new_inputs[0][2], "value", plan.new_inputs[0][2])  # a QuantizedWrite: what the layer reads
     shift = algebra.cast_like(bn.shift, weight.dtype)
     plan = dataclasses.replace(plan, bn=bn, bn_becomes_add=None)
     if not np.any(shift):
