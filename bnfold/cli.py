@@ -326,6 +326,7 @@ def render_fold(model, result, verified: bool, standalone: str = "keep") -> str:
         counts = ", ".join(f"{op} {n}" for op, n in report.noops_removed.items())
         lines.append(f"  no-op nodes removed: {sum(report.noops_removed.values())} ({counts})")
     lines += render_rolled_back(report)
+    lines += render_readiness(report)
     if result.verification is not None:
         lines.append(render_verification(result.verification, indent="  "))
     elif verified:
@@ -357,6 +358,27 @@ def render_rolled_back(report) -> list[str]:
     if not report.folded and not report.affine_folded:
         return [f"  rolled back: every fold ({undone}) failed verification; the model is written with no fold applied"]
     return [f"  rolled back: {undone} fold{'s' * (undone != 1)} failed verification (kept above); the others verified"]
+
+
+SHOWN_SPREADS = 3  # layers named on the channel spread line, worst first
+
+
+def render_readiness(report) -> list[str]:
+    """One line on folded layers whose per-channel weight ranges spread past the threshold, one
+    on subnormals flushed to zero; none when there is nothing to say (bnfold.readiness)."""
+    lines = []
+    spreads = report.channel_spread
+    if spreads:
+        named = ", ".join(f"{printable(s.graph + s.layer)} {s.ratio:.3g}x" for s in spreads[:SHOWN_SPREADS])
+        more = f", {len(spreads) - SHOWN_SPREADS} more" if len(spreads) > SHOWN_SPREADS else ""
+        layers = f"{len(spreads)} layer{'s' * (len(spreads) != 1)}"
+        lines.append(
+            f"  per-channel weight ranges differ by over {report.channel_spread_threshold:g}x in {layers} ({named}{more}): "
+            f"quantize {'them' if len(spreads) != 1 else 'it'} per-channel"
+        )
+    if report.subnormals_flushed:
+        lines.append(f"  subnormal values flushed to zero in folded tensors: {report.subnormals_flushed} (they slow CPU inference)")
+    return lines
 
 
 def render_affine(report) -> list[str]:

@@ -3,6 +3,8 @@ subnormals flushed from what a fold writes, in the report, the JSON and the CLI 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -12,6 +14,7 @@ import bnfold
 from bnfold import readiness
 from bnfold.readiness import THRESHOLD, channel_maxima, channel_spread, flush_subnormals
 from conftest import assert_same_outputs, make_model, tensor, value_info
+from test_cli import invoke
 
 EPS = 1e-5
 SUBNORMAL_F32 = 2.0**-126  # float32's smallest normal magnitude
@@ -160,6 +163,47 @@ def test_fold_making_float32_subnormals_flushes_to_zero_counts_and_verifies(rng,
     onnx.save(model, original)
     onnx.save(result.model, candidate)
     assert bnfold.verify(original, candidate).status == "passed"
+
+
+def test_cli_summary_and_json_name_spread_layers_and_flushed_subnormals(rng, tmp_path):
+    src = tmp_path / "m.onnx"
+    model = subnormal_conv_bn(rng)
+    onnx.save(model, src)
+    result = invoke(["fold", src, "--json"], 0)
+    ratio = numpy_spread(layer_weight(onnx.load(tmp_path / "m.folded.onnx"), "conv"), 0)
+    assert f"  per-channel weight ranges differ by over 100x in 1 layer (conv {ratio:.3g}x): quantize it per-channel" in result.stderr
+    assert f"  subnormal values flushed to zero in folded tensors: {expected_subnormals(model)}" in result.stderr
+    data = json.loads(result.stdout)
+    assert data["channel_spread"]["layers"][0]["layer"] == "conv"
+    assert data["subnormals_flushed"] == expected_subnormals(model)
+    assert data["verification"]["status"] == "passed"
+    checked = json.loads(invoke(["check", src, "--json"], 1).stdout)  # the dry run reports them too
+    assert checked["channel_spread"] == data["channel_spread"] and checked["subnormals_flushed"] == data["subnormals_flushed"]
+
+
+def test_cli_ordinary_model_has_no_readiness_lines(rng, tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_bn(rng, rng.uniform(0.5, 2.0, 4)), src)
+    stderr = invoke(["fold", src], 0).stderr
+    assert "per-channel" not in stderr and "subnormal" not in stderr
+
+
+def test_cli_many_spread_layers_names_the_worst_three_first(rng, tmp_path):
+    """Five Conv -> BN blocks, block i with gamma 60 * 2**i on one channel (1 on the others):
+    spreads of ~60 (under the threshold), 120, 240, 480 and 960."""
+    inits, nodes, x = [], [], "x"
+    for i in range(5):
+        inits += [tensor(f"W{i}", unit_channels(rng, [4, 4, 1, 1])), *bn_inits(f"bn{i}", [1, 1, 1, 60 * 2**i], np.ones(4))]
+        nodes += [helper.make_node("Conv", [x, f"W{i}"], [f"c{i}"], name=f"conv{i}"), bn(f"bn{i}", f"c{i}", f"y{i}")]
+        x = f"y{i}"
+    model = make_model(nodes, [value_info("x", np.float32, [1, 4, 3, 3])], [value_info(x, np.float32, [1, 4, 3, 3])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    report = bnfold.fold(model).report
+    assert [s.layer for s in report.channel_spread] == ["conv4", "conv3", "conv2", "conv1"]
+    stderr = invoke(["fold", src], 0).stderr
+    line = next(l for l in stderr.splitlines() if "per-channel" in l)
+    assert line == "  per-channel weight ranges differ by over 100x in 4 layers (conv4 960x, conv3 480x, conv2 240x, 1 more): quantize them per-channel"
 
 
 # --- the functions themselves -------------------------------------------------------------------
