@@ -14,7 +14,7 @@ from typing import Iterable
 
 import onnx
 
-from bnfold import initializer_inputs, memory, noops, sites
+from bnfold import initializer_inputs, memory, noops, readiness, sites
 from bnfold.weights import QuantizedWrite
 from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
@@ -158,6 +158,9 @@ def fold_model(
         constant_inputs_reason=listing.reason if listing else "",
         unlisted_inputs=unlisted,
         peak_rss_mb=memory.peak_rss_mb(),
+        channel_spread=index.readiness.spreads(),
+        channel_spread_threshold=readiness.THRESHOLD,
+        subnormals_flushed=index.readiness.subnormals_flushed,
     )
     return FoldResult(model, report)
 

@@ -328,6 +328,7 @@ def render_fold(model, result, verified: bool, standalone: str = "keep") -> str:
         counts = ", ".join(f"{op} {n}" for op, n in report.noops_removed.items())
         lines.append(f"  no-op nodes removed: {sum(report.noops_removed.values())} ({counts})")
     lines += render_rolled_back(report)
+    lines += render_readiness(report)
     if result.verification is not None:
         lines.append(render_verification(result.verification, indent="  "))
     elif verified:
@@ -371,6 +372,27 @@ def render_quantized(report) -> list[str]:
     if roundings:
         line += f"; {len(roundings)} int32 biases quantized again, the shift rounded by at most {max(roundings):.2f} of a step"
     return [line]
+
+
+SHOWN_SPREADS = 3  # layers named on the channel spread line, worst first
+
+
+def render_readiness(report) -> list[str]:
+    """One line on folded layers whose per-channel weight ranges spread past the threshold, one
+    on subnormals flushed to zero; none when there is nothing to say (bnfold.readiness)."""
+    lines = []
+    spreads = report.channel_spread
+    if spreads:
+        named = ", ".join(f"{printable(s.graph + s.layer)} {s.ratio:.3g}x" for s in spreads[:SHOWN_SPREADS])
+        more = f", {len(spreads) - SHOWN_SPREADS} more" if len(spreads) > SHOWN_SPREADS else ""
+        layers = f"{len(spreads)} layer{'s' * (len(spreads) != 1)}"
+        lines.append(
+            f"  per-channel weight ranges differ by over {report.channel_spread_threshold:g}x in {layers} ({named}{more}): "
+            f"quantize {'them' if len(spreads) != 1 else 'it'} per-channel"
+        )
+    if report.subnormals_flushed:
+        lines.append(f"  subnormal values flushed to zero in folded tensors: {report.subnormals_flushed} (they slow CPU inference)")
+    return lines
 
 
 def render_affine(report) -> list[str]:

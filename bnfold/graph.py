@@ -18,6 +18,7 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
+from bnfold.readiness import Readiness
 from bnfold.tensors import ONNX_DTYPES, decode_tensor, encode_tensor, little_endian
 
 # Ops that are pure functions of their inputs and small enough to evaluate at fold time when all
@@ -103,6 +104,7 @@ class ModelIndex:
         self.model = model
         self.base_dir = pathlib.Path(base_dir) if base_dir is not None else None
         self.spill = spill  # bnfold.loading.Spill: where big new tensors go (lazy loads), or None
+        self.readiness = Readiness()  # what the folds wrote, for quantization (rules.base.apply_new_tensors)
         self.opsets = {_domain(o.domain): o.version for o in model.opset_import}
         self.names: set[str] = set()
         self._counter = itertools.count()

@@ -51,6 +51,24 @@ class Kept:
         return {"bn": self.bn, "status": "kept", "reason": self.reason, "graph": self.graph, **_ops(self.ops)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ChannelSpread:
+    """A folded layer whose output channels' max|W| differ by over bnfold.readiness.THRESHOLD:
+    per-tensor int8 loses its narrow channels, per-channel quantization does not."""
+
+    layer: str  # the layer node's name (or op and output name when unnamed)
+    ratio: float  # largest / smallest per-channel max|W|, all-zero channels left out
+    channels: int  # output channels of the layer
+    graph: str = ""  # "" for the main graph, else the subgraph's path (as in Folded)
+    zero_channels: int = 0  # channels whose weights are all zero (left out of the ratio)
+
+    def to_dict(self) -> dict:
+        return {
+            "layer": self.layer, "graph": self.graph, "ratio": float(f"{self.ratio:.6g}"),
+            "channels": self.channels, "zero_channels": self.zero_channels,
+        }
+
+
 def _ops(ops: str) -> dict:
     """Only chain records carry "ops" (BN records keep their schema-1 keys)."""
     return {} if ops == BATCHNORM else {"ops": ops}
@@ -75,6 +93,12 @@ class FoldReport:
     constant_inputs_reason: str = ""
     unlisted_inputs: tuple[str, ...] = ()
     peak_rss_mb: float | None = None  # the process's peak memory when the fold was done (bnfold.memory)
+    # quantization readiness (bnfold.readiness): the folded layers whose per-channel weight
+    # ranges spread over the threshold, worst first (the threshold: None when not looked for);
+    # float32/16 subnormals the folds flushed to zero
+    channel_spread: tuple[ChannelSpread, ...] = ()
+    channel_spread_threshold: float | None = None
+    subnormals_flushed: int = 0
 
     @property
     def modified(self) -> bool:
@@ -125,4 +149,6 @@ class FoldReport:
             },
             "seconds": round(self.seconds, 6),
             "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
+            "channel_spread": {"threshold": self.channel_spread_threshold, "layers": [s.to_dict() for s in self.channel_spread]},
+            "subnormals_flushed": self.subnormals_flushed,
         }

@@ -209,8 +209,17 @@ def apply_plan(plan: Plan, graph: GraphIndex) -> None:
 
 
 def apply_new_tensors(plan: Plan, graph: GraphIndex) -> None:
-    """The plan's new constants and attributes, and its bias Add after `into` (if any)."""
+    """The plan's new constants and attributes, and its bias Add after `into` (if any).
+
+    Every new tensor goes through here: their float32/16 subnormals are flushed to zero and
+    counted, and the layer's new weight is noted for the quantization report (bnfold.readiness).
+    """
+    readiness = graph.model.readiness
+    plan.bn_becomes_add, plan.bias_after = readiness.flush(plan.bn_becomes_add), readiness.flush(plan.bias_after)
     for node, position, value in plan.new_inputs:
+        value = readiness.flush(value)
+        if node is plan.into and position == 1:
+            note_layer_weight(readiness, node, getattr(value, "value", value), graph.path)
         if isinstance(value, weights.QuantizedWrite):  # written where the weight comes from
             value.apply(graph, node, position)
             continue
@@ -220,6 +229,33 @@ def apply_new_tensors(plan: Plan, graph: GraphIndex) -> None:
         graph.set_attribute(node, name, value)
     if plan.bias_after is not None:
         graph.add_bias_after(plan.into, plan.bias_after, f"{plan.into.output[0]}_bnfold_bias")
+
+
+def note_layer_weight(readiness, layer: onnx.NodeProto, weight: np.ndarray, graph_path: str) -> None:
+    """Tell `readiness` the new weight (input 1) of a Conv / ConvTranspose / Gemm / MatMul."""
+    layout = output_channel_layout(layer, weight)
+    if layout is not None:
+        readiness.note_weight(layer, node_label(layer), graph_path, weight, *layout)
+
+
+def output_channel_layout(layer: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int] | None:
+    """(axis, groups) of a layer weight's output channels, or None for another op or shape.
+
+    Conv [C_out, C_in/group, k...]: axis 0. ConvTranspose [C_in, C_out/group, k...]: axis 1
+    within each of `group` input-channel blocks. Gemm B: [K, N] (axis 1), or [N, K] with
+    transB=1 (axis 0). MatMul B [..., K, N]: the last axis.
+    """
+    op, ndim = layer.op_type, weight.ndim
+    if op == "Conv" and ndim >= 1:
+        return 0, 1
+    if op == "ConvTranspose" and ndim >= 2:
+        groups = attribute(layer, "group", 1)
+        return (1, groups) if groups >= 1 and weight.shape[0] % groups == 0 else None
+    if op == "Gemm" and ndim == 2:
+        return (0 if attribute(layer, "transB", 0) else 1), 1
+    if op == "MatMul" and ndim >= 2:
+        return ndim - 1, 1
+    return None
 
 
 class Rule:
