@@ -39,7 +39,11 @@ def decode_tensor(tensor: onnx.TensorProto) -> np.ndarray:
     raw = tensor.raw_data if dtype is not None else b""
     if not raw:  # typed fields, other dtypes, or an empty tensor
         return numpy_helper.to_array(tensor)
-    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+    value = np.frombuffer(raw, dtype=dtype)
+    dims = tensor.dims  # a vector (BN's parameters, biases) is already in shape: no reshape
+    if len(dims) == 1 and dims[0] == value.size:
+        return value
+    return value.reshape(dims[:])  # a slice gives a list at once; tuple() iterates the field
 
 
 def encode_tensor(value: np.ndarray, name: str, tensor: onnx.TensorProto) -> onnx.TensorProto:
