@@ -405,10 +405,10 @@ class GraphIndex:
         tensor = self.initializers.get(name)
         if tensor is None or tensor.data_location == _EXTERNAL or name in self.inputs or name in self.outputs:
             return False
-        if tensor.data_type != ONNX_DTYPES.get(value.dtype) or tuple(tensor.dims) != value.shape or self.model.spill is not None:
+        if tensor.data_type != ONNX_DTYPES.get(value.dtype) or tuple(tensor.dims[:]) != value.shape or self.model.spill is not None:
             return False
         users = self.consumers.get(name, ())
-        if len(users) != 1 or users[0] is not node or list(node.input).count(name) != 1:
+        if len(users) != 1 or users[0] is not node or node.input[:].count(name) != 1:
             return False
         return not (self.children and self.read_by_subgraph(name))
 
@@ -447,7 +447,7 @@ class GraphIndex:
         """
         source = node.input[0]
         producer = self.producer[source]
-        producer.output[list(producer.output).index(source)] = output
+        producer.output[producer.output[:].index(source)] = output
         for reader in self.users(source):  # metadata readers (Shape, CastLike): same dtype and shape
             if reader is not node:
                 reader.input[:] = [output if name == source else name for name in reader.input]
