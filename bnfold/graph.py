@@ -165,6 +165,14 @@ class ModelIndex:
         for index in self.graphs:
             index.finish()
 
+    def release(self) -> None:
+        """Break the references between this index and its graphs' (graph -> model, parent <->
+        subgraph): cycles, which only Python's cycle collector would free. Unusable after."""
+        for index in self.graphs:
+            index.children.clear()
+            index.outer = None
+        self.graphs.clear()
+
 
 def _type_of(value_info: onnx.ValueInfoProto) -> tuple[int, tuple | None] | None:
     t = value_info.type
