@@ -139,10 +139,10 @@ def fold_model(
             folded += graph_folded
             kept += graph_kept
         index.finish()
-        # Freed here, by reference counts, while the collector is paused: left to it, the first
-        # collection after the pause traverses everything the index holds, to free it.
+        # The graph indexes are freed here, by reference counts, while the collector is paused:
+        # left to it, the first collection after the pause traverses all they hold, to free it.
         index.release()
-        del index, graph
+        del graph
     unlisted = initializer_inputs.put_back(model, listing)
     if folded:
         sites.record(model, sites.from_folds(folded))

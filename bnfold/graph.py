@@ -166,8 +166,9 @@ class ModelIndex:
             index.finish()
 
     def release(self) -> None:
-        """Break the references between this index and its graphs' (graph -> model, parent <->
-        subgraph): cycles, which only Python's cycle collector would free. Unusable after."""
+        """Drop the graph indexes, breaking their references to this index and to each other
+        (graph -> model, parent <-> subgraph): cycles, which only Python's cycle collector would
+        free. What the model index itself keeps (opsets, names) stays readable."""
         for index in self.graphs:
             index.children.clear()
             index.outer = None
