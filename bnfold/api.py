@@ -140,6 +140,10 @@ def fold_model(
             folded += graph_folded
             kept += graph_kept
         index.finish()
+        # The graph indexes are freed here, by reference counts, while the collector is paused:
+        # left to it, the first collection after the pause traverses all they hold, to free it.
+        index.release()
+        del graph
     unlisted = initializer_inputs.put_back(model, listing)
     if folded:
         sites.record(model, sites.from_folds(folded))

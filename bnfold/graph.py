@@ -167,6 +167,15 @@ class ModelIndex:
         for index in self.graphs:
             index.finish()
 
+    def release(self) -> None:
+        """Drop the graph indexes, breaking their references to this index and to each other
+        (graph -> model, parent <-> subgraph): cycles, which only Python's cycle collector would
+        free. What the model index itself keeps (opsets, names) stays readable."""
+        for index in self.graphs:
+            index.children.clear()
+            index.outer = None
+        self.graphs.clear()
+
 
 def _type_of(value_info: onnx.ValueInfoProto) -> tuple[int, tuple | None] | None:
     t = value_info.type
@@ -407,10 +416,10 @@ class GraphIndex:
         tensor = self.initializers.get(name)
         if tensor is None or tensor.data_location == _EXTERNAL or name in self.inputs or name in self.outputs:
             return False
-        if tensor.data_type != ONNX_DTYPES.get(value.dtype) or tuple(tensor.dims) != value.shape or self.model.spill is not None:
+        if tensor.data_type != ONNX_DTYPES.get(value.dtype) or tuple(tensor.dims[:]) != value.shape or self.model.spill is not None:
             return False
         users = self.consumers.get(name, ())
-        if len(users) != 1 or users[0] is not node or list(node.input).count(name) != 1:
+        if len(users) != 1 or users[0] is not node or node.input[:].count(name) != 1:
             return False
         return not (self.children and self.read_by_subgraph(name))
 
@@ -449,7 +458,7 @@ class GraphIndex:
         """
         source = node.input[0]
         producer = self.producer[source]
-        producer.output[list(producer.output).index(source)] = output
+        producer.output[producer.output[:].index(source)] = output
         for reader in self.users(source):  # metadata readers (Shape, CastLike): same dtype and shape
             if reader is not node:
                 reader.input[:] = [output if name == source else name for name in reader.input]

@@ -45,10 +45,12 @@ def take_out(model: onnx.ModelProto, freeze: bool = False) -> Listing | None:
     """Remove the initializer-backed inputs from the input list when they are constants (IR < 4)
     or frozen; None (nothing done) otherwise, or when there are none."""
     graph = model.graph
+    ir_below_4 = 0 < model.ir_version < IR_LISTS_INITIALIZERS
+    if not (ir_below_4 or freeze):
+        return None  # before indexing the initializers: most models end here
     initializers = {t.name: t for t in graph.initializer}
     backed = {i.name for i in graph.input if i.name in initializers}
-    ir_below_4 = 0 < model.ir_version < IR_LISTS_INITIALIZERS
-    if not backed or not (ir_below_4 or freeze):
+    if not backed:
         return None
     digests = {} if ir_below_4 else {name: _digest(initializers[name]) for name in backed}
     entries = [_copy(i) for i in graph.input]

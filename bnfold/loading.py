@@ -231,12 +231,16 @@ def _check_text(model: onnx.ModelProto, path: pathlib.Path) -> None:
                 stack.extend(message.metadata_props)
             continue
         kinds = _field_kinds(message.DESCRIPTOR)
-        for field, value in message.ListFields():
+        for field, value in message.ListFields():  # a call only for a string that is not valid
             kind = kinds.get(field.number)
             if kind == _STRING:
-                _check_strings(message, ((field.name, value),), path)
+                if value.__class__ is bytes:
+                    _check_strings(message, ((field.name, value),), path)
             elif kind == _STRINGS:
-                _check_string_list(message, field.name, value, path)
+                try:
+                    "".join(value)  # fails on a bytes element, at C speed
+                except TypeError:
+                    _check_string_list(message, field.name, value, path)
             elif kind == _MESSAGES:
                 stack.extend(value)
             elif kind == _MESSAGE:

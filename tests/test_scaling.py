@@ -143,3 +143,89 @@ def test_scaling_verify_one_session_per_model_and_provider_passes(rng, tmp_path,
     assert result.verification.passed
     assert len(sessions) == 2 and len(inputs) == 1
     assert result.verification.seconds > 0 and result.to_dict()["verification"]["seconds"] == result.verification.seconds
+
+
+class _WorkTracer:
+    """Counts the Python work bnfold does: functions entered and lines run in bnfold's own
+    modules, per module, with sys.settrace (a loop over the nodes per fold, even a
+    comprehension, runs one line event per iteration). Work in C (onnx's checker, protobuf
+    parsing) is not seen; what bnfold does per node or per BN is."""
+
+    def __init__(self):
+        import collections
+        import os
+
+        self.package = os.path.dirname(bnfold.__file__) + os.sep
+        self.lines = collections.Counter()
+        self.calls = collections.Counter()
+
+    def _global(self, frame, event, arg):
+        filename = frame.f_code.co_filename
+        if not filename.startswith(self.package):
+            return None
+        module = filename[len(self.package):]
+        self.calls[module] += 1
+        lines = self.lines
+
+        def local(frame, event, arg):
+            if event == "line":
+                lines[module] += 1
+            return local
+
+        return local
+
+    def run(self, action):
+        import sys
+        import threading
+
+        previous = sys.gettrace()
+        threading.settrace(self._global)  # work a helper thread does counts too
+        sys.settrace(self._global)
+        try:
+            return action()
+        finally:
+            sys.settrace(previous)
+            threading.settrace(previous)
+
+
+DEPTHS = (500, 2000)
+LINEAR = 4 * 1.1  # 2,000 blocks over 500, with 10% for what does not grow with the model
+
+
+def test_scaling_depth_work_per_block_constant_whole_file(tmp_path, monkeypatch):
+    """The Depth target (Conv3x3 -> BN -> Relu, thousands of blocks), as `bnfold MODEL -o OUT
+    --no-verify` runs it: loading and its checks, the fold, the clean-up, the writing. Lines
+    run and functions entered in bnfold's modules, and calls of the graph's edit and query
+    methods, grow at most linearly with the depth (counted, not timed): a loop over the nodes
+    per fold would make the 2,000-block count 16 times the 500-block one, not 4."""
+    import onnx
+
+    from tests.corpus import near_identity_chain
+
+    edits = ("set_constant_input", "bypass", "short_circuit", "remove_node", "replace_node", "users",
+             "is_used", "constant", "live_nodes", "finish", "_owned_by", "_drop_use", "unique_name")
+    runs = []
+    for blocks in DEPTHS:
+        counted = Counter(monkeypatch)
+        for name in edits:
+            counted.wrap(graph.ModelIndex if name == "unique_name" else graph.GraphIndex, name)
+        counted.wrap(graph, "_drop")
+        src = tmp_path / f"chain{blocks}.onnx"
+        onnx.save(near_identity_chain(np.random.default_rng(0), blocks), src)
+        tracer = _WorkTracer()
+        result = tracer.run(lambda: bnfold.fold_file(src, tmp_path / f"out{blocks}.onnx", verify=False))
+        assert len(result.report.folded) == blocks and result.report.bn_after == 0
+        runs.append((tracer, dict(counted.calls)))
+        monkeypatch.undo()
+    (small, small_calls), (big, big_calls) = runs
+    scale = DEPTHS[1] / DEPTHS[0]
+    assert sum(big.lines.values()) > scale * 100, "the tracer saw no work: was bnfold traced at all?"
+    growth = {
+        f"{what} {module}": (counts[0][module], counts[1][module])
+        for what, counts in (("lines", (small.lines, big.lines)), ("calls", (small.calls, big.calls)))
+        for module in counts[1]
+    }
+    growth.update({f"calls of {name}": (small_calls.get(name, 0), n) for name, n in big_calls.items()})
+    growth["lines in all"] = (sum(small.lines.values()), sum(big.lines.values()))
+    superlinear = {what: f"{a} -> {b}" for what, (a, b) in growth.items() if b > LINEAR * max(a, 1) and b > 100}
+    assert not superlinear, f"work grows faster than the depth ({DEPTHS[0]} -> {DEPTHS[1]} blocks): {superlinear}"

@@ -12,7 +12,6 @@ is not a graph output.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 import onnx
@@ -29,6 +28,20 @@ def is_float(array: np.ndarray) -> bool:
     return array.dtype in FLOAT_TYPES or array.dtype.name == "bfloat16"
 
 
+class _read_once:
+    """functools.cached_property without its lock (Python 3.11 takes one on every first read,
+    three per BN): the value goes into the instance's __dict__, which later reads find first."""
+
+    def __init__(self, read):
+        self.read, self.name = read, read.__name__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.read(instance)
+        return value
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchNorm:
     """An inference-mode BN that passed the shared checks, as a per-channel affine map."""
@@ -40,7 +53,7 @@ class BatchNorm:
 
     # Read once per match (a BatchNorm lives for one attempt, before any edit): each protobuf
     # read costs a wrapper, and the rules ask for these many times.
-    @functools.cached_property
+    @_read_once
     def label(self) -> str:
         return node_label(self.node)
 
@@ -48,11 +61,11 @@ class BatchNorm:
     def channels(self) -> int:
         return self.scale.shape[0]
 
-    @functools.cached_property
+    @_read_once
     def x(self) -> str:
         return self.node.input[0]
 
-    @functools.cached_property
+    @_read_once
     def y(self) -> str:
         return self.node.output[0]
 
