@@ -176,18 +176,22 @@ def plan_data_names(dst: pathlib.Path, locations: list[str], base_dir) -> dict[s
 
 @contextlib.contextmanager
 def externalized(model: onnx.ModelProto, folder: pathlib.Path, data_files: list[str], data_name: str,
-                 renames: dict[str, str], threshold: int, spill=None):
+                 renames: dict[str, str], threshold: int, spill=None, compact: dict | None = None):
     """Point `model` at the staged data for the duration of serialization, then undo it all.
 
     The big main-graph initializers are appended to the data file but not edited: what is
     yielded maps their index to the record that replaces them (for `wire.plan_splice`), so at
     most one tensor's bytes are copied at a time. Subgraphs' (rare) are edited and restored.
     Tensors in `spill` (bnfold.loading.Spill: what a fold made) are copied from it in the kernel,
-    never read into memory.
+    never read into memory. `compact` (source location -> its file): data files written afresh
+    with only the tensors still read, instead of copied whole (see staging._mostly_dead).
     """
     undo: list = []
     try:
         spilled = _spilled(model, spill)
+        for location, path in (compact or {}).items():
+            readers = [t for t in iter_tensors(model) if is_external(t) and id(t) not in spilled and external_ref(t, "model").location == location]
+            _write_compacted(readers, path, folder / renames[location], undo)
         for tensor in iter_tensors(model):
             if is_external(tensor) and id(tensor) not in spilled:
                 _relocate(tensor, renames, undo)
@@ -200,6 +204,32 @@ def externalized(model: onnx.ModelProto, folder: pathlib.Path, data_files: list[
     finally:
         for restore in reversed(undo):
             restore()
+
+
+def _write_compacted(tensors: list, source: pathlib.Path, target: pathlib.Path, undo: list) -> None:
+    """`target` holds the data of `tensors` (all in `source`), copied range by range in the
+    kernel, each at an aligned offset; the tensors point at it (`undo` restores them). Tensors
+    sharing one range keep sharing it."""
+    placed: dict[tuple[int, int], int] = {}
+    src = os.open(source, os.O_RDONLY)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            end = 0
+            for tensor in tensors:
+                ref = external_ref(tensor, source)
+                length = ref.length if ref.length is not None else byte_size(tensor)
+                key = (ref.offset, length)
+                if key not in placed:
+                    placed[key] = end + (-end % ALIGN)
+                    copy_exactly(src, ref.offset, dst, placed[key], length)
+                    end = placed[key] + length
+                undo.append(_stub_restorer(tensor))
+                _point_at(tensor, ref.location, placed[key], length)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
 
 
 def _spilled(model: onnx.ModelProto, spill) -> dict[int, tuple]:

@@ -25,7 +25,7 @@ from bnfold import destination, external, wire
 from bnfold.destination import Destination
 from bnfold.errors import UsageError, WriteFailed
 from bnfold.loading import PROTOBUF_LIMIT, LoadedModel, Spill
-from bnfold.tensors import initializers, is_external, iter_tensors
+from bnfold.tensors import byte_size, initializers, is_external, iter_tensors
 
 # Above this the model is saved with external data; the margin covers what ByteSize() does not
 # foresee (it is exact, but a caller may add a little before saving).
@@ -304,8 +304,10 @@ def _write_whole(model, staged: StagedModel, source: LoadedModel | None, size_th
         renames = external.plan_data_names(staged.dst, referenced, source.base_dir if source else None)
         append_to = next(iter(renames.values()), f"{staged.dst.name}.data")
         _check_data_targets(staged, source, renames, [*renames.values(), append_to])
-        _copy_data_files(staged, source, renames)
-        with external.externalized(model, staged.tmp_dir, staged.data_files, append_to, renames, size_threshold, spill) as records:
+        compact = _mostly_dead(model, source, renames, staged)
+        _copy_data_files(staged, source, {location: name for location, name in renames.items() if location not in compact})
+        staged.data_files.extend(renames[location] for location in compact)
+        with external.externalized(model, staged.tmp_dir, staged.data_files, append_to, renames, size_threshold, spill, compact) as records:
             pieces, size = wire.plan_splice(model, {}, records)
             if size >= PROTOBUF_LIMIT:
                 raise WriteFailed(f"cannot write {staged.label}: over 2 GiB even with weights in external data")
@@ -314,6 +316,28 @@ def _write_whole(model, staged: StagedModel, source: LoadedModel | None, size_th
             staged.copies.finish()
         for name in staged.data_files:  # once, at the end: the copies' write-back ran meanwhile
             _sync_path(staged.tmp_dir / name)
+
+
+COMPACT_BELOW = 0.5  # a data file the output reads less than this share of is rewritten, not copied
+
+
+def _mostly_dead(model, source: LoadedModel, renames: dict[str, str], staged: StagedModel) -> dict[str, pathlib.Path]:
+    """The source data files (location -> path) the folded model reads less than COMPACT_BELOW
+    of: when a fold replaced most of their tensors, copying them whole would keep the old bytes
+    as dead space (the output twice the size) and sync them for nothing. Those get a fresh file
+    holding only the tensors still read. Not a file the output replaces in place."""
+    live: dict[str, float] = {}
+    for tensor in iter_tensors(model):
+        if is_external(tensor):
+            ref = external.external_ref(tensor, "model")
+            size = ref.length if ref.length is not None else byte_size(tensor)
+            live[ref.location] = live.get(ref.location, 0) + (size if size is not None else float("inf"))
+    found = {}
+    for location, name in renames.items():
+        path = source.base_dir / location
+        if (staged.dst.parent / name).resolve() != path.resolve() and live.get(location, 0) < COMPACT_BELOW * path.stat().st_size:
+            found[location] = path
+    return found
 
 
 def _check_external_output(target: Destination) -> None:
