@@ -503,8 +503,9 @@ class _FullDisk:
 
 
 def _fill_disk_after(monkeypatch, budget: int):
-    """Every write bnfold's io makes (model, appended tensors, copied data files) shares one
-    byte budget; past it, writes fail with ENOSPC after writing what still fits."""
+    """Every write bnfold's io makes (model, appended tensors, copied data files, tensor ranges
+    copied in the kernel) shares one byte budget; past it, writes fail with ENOSPC after writing
+    what still fits."""
     left = [budget]
     real_open = open
     def filling_open(path, mode="r", *a, **k):
@@ -519,6 +520,17 @@ def _fill_disk_after(monkeypatch, budget: int):
             fb.write(fa.read())
 
     monkeypatch.setattr(shutil, "copyfile", copyfile)
+    real_copy = external.copy_exactly
+
+    def copy_exactly(src, src_offset, dst, dst_offset, length):  # ranges copied in the kernel
+        allowed = min(length, left[0])
+        if allowed:
+            real_copy(src, src_offset, dst, dst_offset, allowed)
+        left[0] -= allowed
+        if allowed < length:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(external, "copy_exactly", copy_exactly)
 
 
 def _bytes_written(src: pathlib.Path, folder: pathlib.Path) -> int:
