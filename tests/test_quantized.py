@@ -345,3 +345,50 @@ def test_fake_quantized_weights_on_half_steps_kept_when_one_would_move(tmp_path,
     moved = int(np.count_nonzero(new_q != np.where((s < 0).reshape(-1, 1, 1, 1), -old_q, old_q)))
     assert moved, "the premise: some half-step weights round the other way after the fold"
     assert f"{moved} quantized weights would move by a step" in result.report.kept[0].reason
+
+
+@pytest.mark.parametrize("dtype,zero_point", [(np.int16, 0), (np.uint16, 2**15), (np.uint8, 128)])
+def test_quantized_weight_other_integer_types(tmp_path, rng, dtype, zero_point):
+    model = quantized_conv_bn(rng, negative=True, dtype=dtype, zero_point=zero_point, opset=21)
+    _, result = fold_and_verify(tmp_path, model)
+    assert result.report.bn_after == 0 and result.verification.status == "passed"
+    new_ints, _, new_zp, _ = dq_inputs(onnx.load(result.path))
+    assert new_zp.dtype == dtype and new_ints.min() >= np.iinfo(dtype).min and new_ints.max() <= np.iinfo(dtype).max
+
+
+def test_quantized_weight_int4(tmp_path, rng):
+    """int4 weights (DequantizeLinear-21): negated channels stay int4."""
+    model = quantized_conv_bn(rng, negative=True, opset=21)
+    values = initializers(model)
+    q = np.clip(values["Wq"] // 16, -7, 7).astype(np.int8)
+    for name in ("Wq", "wzp"):
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == name))
+    model.graph.initializer.extend([helper.make_tensor("Wq", TensorProto.INT4, q.shape, q.flatten().tolist()),
+                                    helper.make_tensor("wzp", TensorProto.INT4, [C], [0] * C)])
+    _, result = fold_and_verify(tmp_path, model)
+    assert result.report.bn_after == 0 and result.verification.status == "passed"
+    folded = onnx.load(result.path)
+    dq = next(n for n in folded.graph.node if n.name == "dq")
+    stored = next(t for t in folded.graph.initializer if t.name == dq.input[0])
+    assert stored.data_type == TensorProto.INT4
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_quantized_gemm_weight_per_tensor_becomes_per_column(tmp_path, rng, trans_b):
+    w = rng.normal(0, 0.3, [C, 16] if trans_b else [16, C]).astype(np.float32)
+    ws = np.float32(np.abs(w).max() / 127)
+    q = np.clip(np.rint(w / ws), -127, 127).astype(np.int8)
+    names = ["bn_scale", "bn_B", "bn_mean", "bn_var"]
+    inits = [numpy_helper.from_array(q, "Wq"), numpy_helper.from_array(np.asarray(ws), "ws"),
+             numpy_helper.from_array(np.array(0, np.int8), "wzp"), numpy_helper.from_array(rng.normal(size=C).astype(np.float32), "C")]
+    inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, bn_params(rng, C, True))]
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "ws", "wzp"], ["Wd"], name="dq"),
+             helper.make_node("Gemm", ["x", "Wd", "C"], ["g"], name="fc", transB=trans_b, beta=0.5),
+             helper.make_node("BatchNormalization", ["g", *names], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, C])], inits)
+    _, result = fold_and_verify(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert result.report.bn_after == 0 and result.report.folded[0].quantized
+    assert result.verification.status == "passed"
+    dq = next(n for n in onnx.load(result.path).graph.node if n.name == "dq")
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [0 if trans_b else 1]
