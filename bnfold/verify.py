@@ -19,7 +19,7 @@ import numpy as np
 
 import onnx
 
-from bnfold import engines, memory, shadow
+from bnfold import engines, memory, pinning, shadow
 from bnfold.tensors import is_external, iter_tensors
 from bnfold import inputs as model_inputs
 from bnfold import sites as site_names
@@ -144,7 +144,8 @@ class Reference:
         if not left:
             return False
         self._spatial_tried.append(left[0])
-        self.__dict__.pop("feeds", None)
+        for name in ("feeds", "_pins", "_runnable"):
+            self.__dict__.pop(name, None)
         self._values.clear()
         self._exact.clear()
         self._cached_bytes, self._refusal = 0, None
@@ -188,6 +189,7 @@ class Reference:
         if sites is None:
             sites = site_names.recorded(cand_graph) or site_names.alike(self.graph, cand_graph)
         wanted = site_names.comparable(sites, self.graph, cand_graph)
+        candidate = self._pinned_candidate(candidate)
         dynamic = model_inputs.has_nonpositive_dims(cand_graph)
         start = time.perf_counter()  # counts the reference's share too when it runs now
         checks, engine, used, note = [], "onnxruntime", (), ""
@@ -197,7 +199,46 @@ class Reference:
             for provider, (ref, cand) in values.items():
                 checks += self._judge(provider, ref, cand, {name: wanted[name] for name in group}, first)
         seconds = time.perf_counter() - start
+        if self._pins:
+            pinned = f"{len(self._pins)} quantized activations pinned to the original's integers"
+            note = "; ".join(filter(None, [note, pinned]))
         return Verification(all(c.passed for c in checks), engine, used, tuple(checks), seconds, note)
+
+    # --- quantized activations pinned (bnfold.pinning) ------------------------------------------
+
+    @functools.cached_property
+    def _pins(self) -> dict[str, np.ndarray]:
+        """The original's integers at each activation QuantizeLinear (CPU), to pin in both
+        models; {} for a model without any, or one that keeps external data."""
+        names = pinning.activation_quantizers(self.graph)
+        whole = pinning.pinned(self.model, {}) if names else None
+        if whole is None:
+            return {}
+        _, values, _ = engines.run_model(engines.with_outputs(whole, names), self.feeds, [CPU], "reference")
+        found = next(iter(values.values()))
+        return {name: found[name] for name in names if name in found}
+
+    @functools.cached_property
+    def _runnable(self):
+        """The original as verification runs it: with its quantized activations pinned."""
+        return pinning.pinned(self.model, self._pins) if self._pins else self.model
+
+    @property
+    def _run_feeds(self) -> dict[str, np.ndarray]:
+        return {**self.feeds, **self._pins} if self._pins else self.feeds
+
+    def _pinned_candidate(self, candidate):
+        """The candidate with the same activations pinned; one that cannot be (external data)
+        has both run unpinned from then on."""
+        if not self._pins:
+            return candidate
+        pinned = pinning.pinned(candidate, self._pins)
+        if pinned is None:
+            self.__dict__.update(_pins={}, _runnable=self.model)
+            self._values.clear()
+            self._cached_bytes = 0
+            return candidate
+        return pinned
 
     def _groups(self, names: list[str]):
         """(sites, first) groups of about SITE_GROUP_BYTES each (sized by shape inference, else
@@ -234,12 +275,12 @@ class Reference:
         key = (REFERENCE, group)
         ref = self._values.get(key)
         if ref is None:
-            ref = self._keep(key, engines.run_reference(self.model, self.feeds, "reference", group))
-        return REFERENCE, {REFERENCE: (ref, engines.run_reference(candidate, self.feeds, "candidate", group))}, note
+            ref = self._keep(key, engines.run_reference(self._runnable, self._run_feeds, "reference", group))
+        return REFERENCE, {REFERENCE: (ref, engines.run_reference(candidate, self._run_feeds, "candidate", group))}, note
 
     def _run_ort(self, source, provider: str, group: tuple) -> tuple[dict, dict]:
         def candidate() -> dict:
-            return engines.run_ort(engines.ort_session(source, provider, "candidate"), self.feeds, "candidate", provider)
+            return engines.run_ort(engines.ort_session(source, provider, "candidate"), self._run_feeds, "candidate", provider)
 
         if self._build_together(source, provider, group):
             # Building sessions is most of verifying a deep net (onnxruntime resolves every
@@ -281,14 +322,14 @@ class Reference:
         if self._refusal is not None:
             raise self._refusal
         try:
-            source = engines.ort_source(self.model, self._stack, group, self._dynamic)
+            source = engines.ort_source(self._runnable, self._stack, group, self._dynamic)
             return engines.ort_session(source, provider, "reference")
         except engines.Refused as refusal:
             self._refusal = refusal
             raise
 
     def _reference_run(self, session, provider: str, group: tuple) -> dict[str, np.ndarray]:
-        return self._keep((provider, group), engines.run_ort(session, self.feeds, "reference", provider))
+        return self._keep((provider, group), engines.run_ort(session, self._run_feeds, "reference", provider))
 
     def _keep(self, key: tuple, values: dict) -> dict:
         size = sum(v.nbytes for v in values.values())

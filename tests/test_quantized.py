@@ -392,3 +392,101 @@ def test_quantized_gemm_weight_per_tensor_becomes_per_column(tmp_path, rng, tran
     assert result.verification.status == "passed"
     dq = next(n for n in onnx.load(result.path).graph.node if n.name == "dq")
     assert [a.i for a in dq.attribute if a.name == "axis"] == [0 if trans_b else 1]
+
+
+# --------------------------------------------------------------------------- quantized activations pinned
+
+
+def qdq_chain(tmp_path, rng, blocks: int = 4, channels: int = 16, size: int = 16):
+    """onnxruntime's quantize_static of Conv -> BN -> Relu blocks: every Conv's input activation
+    quantized (Q/DQ), its weight int8 per channel, its bias int32; Conv outputs left float."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    inits, nodes, x, cin = [], [], "x", 3
+    for i in range(blocks):
+        inits += [numpy_helper.from_array(rng.normal(0, (2 / (cin * 9)) ** 0.5, [channels, cin, 3, 3]).astype(np.float32), f"W{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), f"B{i}")]
+        names = [f"bn{i}_{n}" for n in ("scale", "B", "mean", "var")]
+        inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, bn_params(rng, channels, True))]
+        nodes += [helper.make_node("Conv", [x, f"W{i}", f"B{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{i}", *names], [f"n{i}"], name=f"bn{i}"),
+                  helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}")]
+        x, cin = f"r{i}", channels
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, channels, size, size])], inits)
+    src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    batches = iter([{"x": rng.normal(size=[1, 3, size, size]).astype(np.float32)} for _ in range(4)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    op_types_to_quantize=["Conv"], extra_options={"OpTypesToExcludeOutputQuantization": ["Conv"]})
+    return dst
+
+
+def test_quantized_activations_pinned_so_rounding_flips_do_not_undo_folds(tmp_path, rng):
+    """Rescaled weight scales and re-quantized biases change a Conv's float output within
+    rounding, which flips some of the next activation QuantizeLinear's integers; unpinned,
+    every fold failed verification and was undone. Pinned, all fold and verify."""
+    src = qdq_chain(tmp_path, rng)
+    result = bnfold.fold_file(src)
+    assert result.report.bn_after == 0 and result.report.rolled_back == ()
+    verification = result.verification
+    assert verification.status == "passed" and verification.count("site") == 4
+    assert "4 quantized activations pinned" in verification.note
+    # the premise: without pinning the folded model's output differs past the plain bound
+    from conftest import run_ort
+
+    feeds = generate_inputs(src)
+    (ours,), (theirs,) = run_ort(onnx.load(result.path), feeds), run_ort(onnx.load(src), feeds)
+    assert np.abs(ours - theirs).max() > 1e-4 * np.abs(theirs).max(), "no flip: the test proves nothing"
+
+
+def test_quantized_activations_pinned_wrong_fold_still_fails(tmp_path, rng):
+    src = qdq_chain(tmp_path, rng)
+    result = bnfold.fold_file(src)
+    folded = onnx.load(result.path)
+    conv = next(n for n in folded.graph.node if n.name == "conv2")
+    dq = next(n for n in folded.graph.node if n.output[0] == conv.input[1])
+    scale = next(t for t in folded.graph.initializer if t.name == dq.input[1])
+    value = numpy_helper.to_array(scale).copy()
+    value[0] *= 1.01
+    scale.CopyFrom(numpy_helper.from_array(value, scale.name))
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(folded, wrong)
+    verification = bnfold.verify(src, wrong)
+    assert verification.status == "failed"
+    assert any(c.output == "n2" and not c.passed for c in verification.checks)  # bn2's fold site
+    assert not any(c.output in ("n0", "n1") and not c.passed for c in verification.checks)
+
+
+def test_tensorrt_style_qat_chain_folds(tmp_path, rng):
+    """What quantization-aware training exports for TensorRT: every Conv input through an
+    activation Q/DQ pair, every weight a fake-quantized float (Q/DQ over W, per channel), Conv ->
+    BN -> Relu in float. Each BN folds into its fake-quantized weight; activations are pinned,
+    the weights' QuantizeLinear are not (the folds change them)."""
+    inits, nodes, x, cin = [], [], "x", K
+    for i in range(3):
+        w = rng.normal(0, 0.3, [C, cin, 3, 3]).astype(np.float32)
+        ws = (np.abs(w).reshape(C, -1).max(axis=1) / 127).astype(np.float32)
+        names = [f"bn{i}_{n}" for n in ("scale", "B", "mean", "var")]
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(ws, f"ws{i}"),
+                  numpy_helper.from_array(np.zeros(C, np.int8), f"wz{i}"),
+                  numpy_helper.from_array(np.float32(0.05 if i else 0.02), f"as{i}"), numpy_helper.from_array(np.int8(0), f"az{i}")]
+        inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, bn_params(rng, C, True))]
+        nodes += [helper.make_node("QuantizeLinear", [x, f"as{i}", f"az{i}"], [f"xq{i}"]),
+                  helper.make_node("DequantizeLinear", [f"xq{i}", f"as{i}", f"az{i}"], [f"xd{i}"]),
+                  helper.make_node("QuantizeLinear", [f"W{i}", f"ws{i}", f"wz{i}"], [f"wq{i}"], axis=0),
+                  helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"wd{i}"], axis=0),
+                  helper.make_node("Conv", [f"xd{i}", f"wd{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{i}", *names], [f"n{i}"], name=f"bn{i}"),
+                  helper.make_node("Relu", [f"n{i}"], [f"r{i}"])]
+        x, cin = f"r{i}", C
+    graph = helper.make_graph(nodes, "qat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K, 12, 12])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, C, 12, 12])], inits)
+    _, result = fold_and_verify(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert result.report.bn_after == 0 and all(f.quantized for f in result.report.folded)
+    assert result.verification.status == "passed" and "3 quantized activations pinned" in result.verification.note
