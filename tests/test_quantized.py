@@ -490,3 +490,21 @@ def test_tensorrt_style_qat_chain_folds(tmp_path, rng):
     _, result = fold_and_verify(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     assert result.report.bn_after == 0 and all(f.quantized for f in result.report.folded)
     assert result.verification.status == "passed" and "3 quantized activations pinned" in result.verification.note
+
+
+def test_quantized_conv_transpose_weight_per_output_channel(tmp_path, rng):
+    """ConvTranspose weight [C_in, C_out, k, k] quantized per output channel (axis 1)."""
+    w = rng.normal(0, 0.3, [K, C, 3, 3]).astype(np.float32)
+    ws = (np.abs(w).max(axis=(0, 2, 3)) / 127).astype(np.float32)
+    q = np.clip(np.rint(w / ws.reshape(1, -1, 1, 1)), -127, 127).astype(np.int8)
+    names = ["bn_scale", "bn_B", "bn_mean", "bn_var"]
+    inits = [numpy_helper.from_array(q, "Wq"), numpy_helper.from_array(ws, "ws"), numpy_helper.from_array(np.zeros(C, np.int8), "wzp")]
+    inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, bn_params(rng, C, True))]
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "ws", "wzp"], ["Wd"], name="dq", axis=1),
+             helper.make_node("ConvTranspose", ["x", "Wd"], ["d"], name="deconv", strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["d", *names], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 11, 11])], inits)
+    _, result = fold_and_verify(tmp_path, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert result.report.bn_after == 0 and result.report.folded[0].quantized
+    assert result.verification.status == "passed"
