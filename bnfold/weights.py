@@ -227,12 +227,17 @@ def scaled(source: Quantized, factor: np.ndarray, axis: int, groups: int = 1) ->
     magnitude = np.abs(factor)
     if not np.all(magnitude > 0):
         return f"BN scale is 0 on channel {int(np.flatnonzero(magnitude == 0)[0])}: a quantization scale cannot be 0"
-    scale = algebra.cast_like(np.broadcast_to(np.asarray(source.scale, np.float64), (channels,)) * magnitude, source.scale.dtype)
+    # per channel along the layer's axis; before opset 13 (no per-channel scales) the magnitude
+    # is the same on every channel (checked above) and the scale stays one value
+    per_channel = source.axis is not None or source.opset >= 13
+    out_axis = axis if per_channel else None
+    scale64 = np.asarray(source.scale, np.float64) * (magnitude if per_channel else magnitude[0])
+    scale = algebra.cast_like(np.broadcast_to(scale64, (channels,)) if per_channel else scale64, source.scale.dtype)
     if not np.all(np.isfinite(scale)) or not np.all(np.abs(scale) >= np.finfo(scale.dtype).tiny):
         return "the scaled quantization scale leaves the float range"
-    zero_point = None
-    if source.zero_point is not None:  # per channel too, as the scale now is
-        zero_point = source.zero_point if source.axis is not None else np.full(channels, source.zero_point.reshape(()))
+    zero_point = source.zero_point
+    if zero_point is not None and per_channel and source.axis is None:  # per channel too, as the scale now is
+        zero_point = np.full(channels, source.zero_point.reshape(()))
     negative = factor < 0
     expected = source.stored.astype(np.int64)
     if negative.any():
@@ -247,15 +252,15 @@ def scaled(source: Quantized, factor: np.ndarray, axis: int, groups: int = 1) ->
                     f"within {onnx.TensorProto.DataType.Name(source.integer_type).lower()} (zero point or the range's low end)")
     if source.float_weight is not None:
         new_weight = algebra.scale_along_axis_cast(source.float_weight, factor, axis)
-        got = quantize(new_weight, scale, zero_point, axis, source.integer_type)
+        got = quantize(new_weight, scale, zero_point, out_axis, source.integer_type)
         moved = int(np.count_nonzero(got != expected))
         if moved:
             return f"{moved} quantized weights would move by a step when folded ({source.label})"
-        value = dequantize(got, scale, zero_point, axis)
-        return QuantizedWrite(source, value, scale, zero_point, axis, float_weight=new_weight)
+        value = dequantize(got, scale, zero_point, out_axis)
+        return QuantizedWrite(source, value, scale, zero_point, out_axis, float_weight=new_weight)
     stored = expected.astype(source.stored.dtype) if negative.any() else None
-    value = dequantize(expected, scale, zero_point, axis)
-    return QuantizedWrite(source, value, scale, zero_point, axis, stored=stored)
+    value = dequantize(expected, scale, zero_point, out_axis)
+    return QuantizedWrite(source, value, scale, zero_point, out_axis, stored=stored)
 
 
 def rebiased(source: Quantized, bias64: np.ndarray, factor: np.ndarray) -> QuantizedWrite | str:
@@ -271,14 +276,18 @@ def rebiased(source: Quantized, bias64: np.ndarray, factor: np.ndarray) -> Quant
     magnitude = np.abs(factor)
     if not np.all(magnitude > 0):
         return "BN scale is 0 on a channel: a quantization scale cannot be 0"
-    scale64 = np.broadcast_to(np.asarray(source.scale, np.float64), (channels,)) * magnitude
-    scale = algebra.cast_like(scale64, source.scale.dtype)
-    integers = np.rint(bias64 / scale.astype(np.float64))
+    per_channel = source.axis is not None or source.opset >= 13  # else one scale (same magnitudes)
+    scale64 = np.asarray(source.scale, np.float64) * (magnitude if per_channel else magnitude[0])
+    scale = algebra.cast_like(np.broadcast_to(scale64, (channels,)) if per_channel else scale64, source.scale.dtype)
+    integers = np.rint(bias64 / np.broadcast_to(scale.astype(np.float64), (channels,)))
     low, high = _RANGES[onnx.TensorProto.INT32]
     if not np.all(np.isfinite(integers)) or integers.min() < low or integers.max() > high:
         return "the folded bias overflows int32 at its quantization scale"
     stored = integers.astype(np.int32)
-    zero_point = None if source.zero_point is None else np.zeros(channels, np.int32)
-    value = dequantize(stored, scale, zero_point, 0)
-    rounding = float(np.abs(bias64 / scale.astype(np.float64) - integers).max(initial=0.0))
-    return QuantizedWrite(source, value, scale, zero_point, 0, stored=stored, rounding=rounding)
+    zero_point = source.zero_point
+    if zero_point is not None and per_channel:
+        zero_point = np.zeros(channels, np.int32)
+    axis = 0 if per_channel else None
+    value = dequantize(stored, scale, zero_point, axis)
+    rounding = float(np.abs(bias64 / np.broadcast_to(scale.astype(np.float64), (channels,)) - integers).max(initial=0.0))
+    return QuantizedWrite(source, value, scale, zero_point, axis, stored=stored, rounding=rounding)
