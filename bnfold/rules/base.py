@@ -203,8 +203,16 @@ def _all_finite(array: np.ndarray) -> bool:
 
 def plan_site(plan: Plan) -> str:
     """The value both models name alike that the fold changes how to compute (see Folded.site):
-    BN's output, or for a backward fold the output of the layer that absorbed it."""
-    return plan.into.output[0] if plan.backward else plan.bn.y
+    BN's output, or for a backward fold the output of the layer that absorbed it, or of the Add
+    after it when the shift went into that Add's constant (the layer's own output no longer
+    carries it)."""
+    if not plan.backward:
+        return plan.bn.y
+    product = plan.into.output[0]
+    for node, _, _ in plan.new_inputs:
+        if node is not plan.into and node.op_type == "Add" and product in node.input:
+            return node.output[0]
+    return product
 
 
 def apply_plan(plan: Plan, graph: GraphIndex) -> None:
