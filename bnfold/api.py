@@ -229,6 +229,7 @@ def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list
     """
     folded: list[Folded] = []
     kept: dict[int, tuple[onnx.NodeProto, Kept]] = {}
+    sited: dict[str, list[int]] = {}  # site -> the folds (indices in `folded`) compared there
     work = _Worklist(n for n in graph.live_nodes() if is_batchnorm(n))
     while work:
         progress = False
@@ -238,6 +239,7 @@ def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list
             if isinstance(result, Kept):
                 kept[id(node)] = (node, result)
                 continue
+            _move_stale_sites(folded, sited, result)
             folded.append(result)
             kept.pop(id(node), None)
             progress = True
@@ -247,6 +249,17 @@ def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list
         if progress:
             work.push(node for node, _ in kept.values())
     return folded, [reason for _, reason in kept.values()]
+
+
+def _move_stale_sites(folded: list[Folded], sited: dict[str, list[int]], fold: Folded) -> None:
+    """Before `fold` joins `folded`: an earlier fold whose site is the value `fold`'s layer wrote
+    before `fold` rescaled it (a scale moved through a Relu into that layer) is compared at
+    `fold`'s site instead, which carries both folds; `sited` keeps track."""
+    moved = sited.pop(fold.changed, []) if fold.changed and fold.changed != fold.site else []
+    for index in moved:
+        folded[index] = dataclasses.replace(folded[index], site=fold.site)
+    if fold.site:
+        sited.setdefault(fold.site, []).extend([*moved, len(folded)])
 
 
 class _Worklist:
@@ -307,8 +320,10 @@ def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules, skip=None) -> Folde
             label, site = bn.label, plan_site(result)  # before the edit: a BN turned into an Add would be named as the Add
             quantized = [value for _, _, value in result.new_inputs if isinstance(value, QuantizedWrite)]
             rounding = max((w.rounding for w in quantized if w.rounding is not None), default=None)
+            changed = result.into.output[0] if result.into.output else ""
             apply_plan(result, graph)
-            return Folded(label, node_label(result.into), rule.name, graph.path, site=site, quantized=bool(quantized), bias_rounding=rounding)
+            return Folded(label, node_label(result.into), rule.name, graph.path, site=site, quantized=bool(quantized),
+                          bias_rounding=rounding, changed=changed)
         attempts.append((result, candidate))
     (forward, has_producer), (backward, has_consumer) = attempts
     if has_producer and not has_consumer:
