@@ -61,9 +61,10 @@ from onnx import helper
 
 import bnfold
 import bnfold.rules
+from bnfold import algebra
 from bnfold.graph import node_label
 from conftest import bn_node, count_bn, make_model, tensor, value_info
-from strategies import BnFacts, GraphCase, graph_cases
+from strategies import BnFacts, GraphCase, QuantFacts, graph_cases
 
 QUICK_EXAMPLES = 300
 EXAMPLES = int(os.environ.get("BNFOLD_PROPERTY_EXAMPLES", QUICK_EXAMPLES))
@@ -638,6 +639,55 @@ def test_property_planted_unsafe_fold_is_caught(rng):
     forged = bnfold.FoldResult(result.model, bnfold.FoldReport(folded=(bnfold.Folded("bn", "conv", "bn_into_conv"),), bn_before=1))
     with pytest.raises(AssertionError):
         check_safety(case, forged)
+
+
+def _quantized_conv_bn_case(rng, low_end: bool = False) -> GraphCase:
+    """_conv_bn_case with W = DequantizeLinear(int8 per output channel, zero point 0), and BN's
+    scale negative on channel 0; `low_end`: W's channel 0 holds -128, which cannot be negated."""
+    case = _conv_bn_case(rng)
+    graph = case.model.graph
+    w = next(t for t in graph.initializer if t.name == "W")
+    values = onnx.numpy_helper.to_array(w)
+    scale = (np.abs(values).reshape(4, -1).max(axis=1) / 127).astype(np.float32)
+    q = np.clip(np.rint(values / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+    if low_end:
+        q[0, 0, 0, 0] = -128
+    graph.initializer.remove(w)
+    graph.initializer.extend([tensor("Wq", q), tensor("ws", scale), tensor("wz", np.zeros(4, np.int8))])
+    graph.node.insert(0, helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["W"], name="dq", axis=0))
+    bn_scale = next(t for t in graph.initializer if t.name == "bn_scale")
+    gamma = onnx.numpy_helper.to_array(bn_scale).copy()
+    gamma[0] = -abs(gamma[0])
+    bn_scale.CopyFrom(onnx.numpy_helper.from_array(gamma, "bn_scale"))
+    onnx.checker.check_model(case.model, full_check=True)
+    case.quantized = {"W": QuantFacts("dq", False, "int8", "0", 0, low_end)}
+    return case
+
+
+def test_property_planted_dequantized_fold_is_caught(rng, monkeypatch):
+    """A fold that writes the quantized weight back as a float initializer (right values, no
+    DequantizeLinear left) fails invariant 7."""
+    from bnfold.rules.base import Rule
+
+    case = _quantized_conv_bn_case(rng)
+    check_invariants(case)  # the honest fold passes
+    monkeypatch.setattr(Rule, "scaled_weight", staticmethod(lambda bn, graph, node, position, weight, axis, groups=1:
+                                                             algebra.scale_along_axis_cast(weight, bn.scale, axis, groups)))
+    with pytest.raises(AssertionError, match="no longer from a DequantizeLinear"):
+        check_invariants(case)
+
+
+def test_property_planted_fold_through_a_low_end_is_caught(rng, monkeypatch):
+    """int8 -128 on a channel BN negates: kept; a fold that believes int8 reaches +128 wraps the
+    negated -128 around and fails invariant 7 (the BN had to be kept)."""
+    from bnfold import weights
+
+    case = _quantized_conv_bn_case(rng, low_end=True)
+    result = check_invariants(case)
+    assert "cannot be negated within int8" in result.report.kept[0].reason
+    monkeypatch.setitem(weights._RANGES, onnx.TensorProto.INT8, (-128, 128))
+    with pytest.raises(AssertionError, match="cannot be negated"):
+        check_invariants(case)
 
 
 # --------------------------------------------------------------------------- bugs the properties found
