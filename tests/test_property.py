@@ -309,8 +309,6 @@ def check_invariants(case: GraphCase):
     result = bnfold.fold(case.model)
     assert case.model.SerializeToString() == snapshot, "fold() modified its input"
     record(f"report: {result.report.to_dict()}")
-    if case.quantized and known_quantized_bug(case, result):
-        return result
     check_valid_and_named(case, result.model)
     check_report(case, result)
     check_safety(case, result)
@@ -322,20 +320,6 @@ def check_invariants(case: GraphCase):
 
 
 # --------------------------------------------------------------------------- quantized weights
-
-
-def known_quantized_bug(case: GraphCase, result) -> str | None:
-    """A known bnfold bug this example meets (counted in KNOWN_BUGS_SEEN), after which the
-    folded model cannot be checked further; None for none. Each is pinned by an xfail test in
-    test_quantized_regressions.py: drop its line here when that test passes."""
-    opset = case.model.opset_import[0].version
-    bug = None
-    if opset < 13 and any(n.op_type == "DequantizeLinear" and attr(n, "axis", None) is not None for n in result.model.graph.node):
-        bug = "per-channel scale with an axis written into DequantizeLinear-10/12 (test_opset_below_13_per_tensor_weight_stays_per_tensor)"
-    if bug:
-        KNOWN_BUGS_SEEN[bug] += 1
-        record(f"known bnfold bug, not checked further: {bug}")
-    return bug
 
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -396,7 +380,7 @@ def quantized_biases(model: onnx.ModelProto) -> set[str]:
     """Layers a fold writes a quantized bias for: Conv / ConvTranspose / Gemm with a dequantized
     input 2, a MatMul read by an Add with a dequantized operand."""
     made_by, found = producers(model), set()
-    for (name, position), _ in dequantized_inputs(model).items():
+    for name, position in dequantized_inputs(model):
         node = next(n for n in model.graph.node if n.name == name)
         if node.op_type == "Add":
             found.update(made_by[i].name for i in node.input if getattr(made_by.get(i), "op_type", "") == "MatMul")
