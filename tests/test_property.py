@@ -18,6 +18,17 @@ graph outputs anywhere). On every example, after `bnfold.fold(model)`:
    Conv that pads; never into a MatMul whose product / input is not 2-D. And a BN with a plainly
    foldable producer (Conv/ConvTranspose/Gemm/2-D MatMul used by BN alone) is folded.
 
+7. quantized weights (graphs of `graph_cases(quantized=True)`, the quantized model being the
+   reference of 3): every layer whose weight a DequantizeLinear makes still reads it from a
+   DequantizeLinear after the fold (of the same stored integer type, or still fake-quantized
+   through a QuantizeLinear): no silent de-quantization; the report marks exactly the folds into
+   such layers `quantized`; and a BN whose producer is such a layer (read by BN alone) folds into
+   it exactly when an exact fold exists, as worked out here from the original's integers, scales
+   and BN scale (a negative scale on a channel whose integers cannot be negated within their
+   type, a per-channel axis other than the output channels, per-tensor scales before opset 13, a
+   grouped ConvTranspose, a fake-quantized weight that would round to another integer), else is
+   kept with that reason (or folds backward into another layer).
+
 Tolerance, per output: max|folded - original| <= K * u * d * kappa * (max|original| + 1), u the
 dtype's machine epsilon and d the ops on the output's longest path from an input. Each op rounds
 its result on both sides and a fold changes what is rounded (weights times the BN scale, one
@@ -50,9 +61,10 @@ from onnx import helper
 
 import bnfold
 import bnfold.rules
+from bnfold import algebra
 from bnfold.graph import node_label
 from conftest import bn_node, count_bn, make_model, tensor, value_info
-from strategies import BnFacts, GraphCase, graph_cases
+from strategies import BnFacts, GraphCase, QuantFacts, graph_cases
 
 QUICK_EXAMPLES = 300
 EXAMPLES = int(os.environ.get("BNFOLD_PROPERTY_EXAMPLES", QUICK_EXAMPLES))
@@ -280,9 +292,10 @@ def readers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
 
 def plainly_foldable(case: GraphCase, node: onnx.NodeProto, forward_ok: bool) -> bool:
     """A constant inference BN whose producer is a Conv/ConvTranspose/Gemm (or a MatMul with a
-    2-D product) read by it alone: the generator's weights are constants of matching shape."""
+    2-D product) read by it alone: the generator's weights are constants of matching shape. A
+    weight a DequantizeLinear makes is check_quantized's business."""
     producer = next((n for n in case.model.graph.node if node.input[0] in n.output), None)
-    if not forward_ok or producer is None:
+    if not forward_ok or producer is None or producer.name in {*quantized_layers(case.model), *quantized_biases(case.model)}:
         return False
     return producer.op_type in ("Conv", "ConvTranspose", "Gemm") or (
         producer.op_type == "MatMul" and len(case.shapes[node.input[0]]) == 2
@@ -300,8 +313,242 @@ def check_invariants(case: GraphCase):
     check_report(case, result)
     check_safety(case, result)
     check_nothing_left(result)
+    if case.quantized:
+        check_quantized(case, result)
     check_outputs(case, result.model)
     return result
+
+
+# --------------------------------------------------------------------------- quantized weights
+
+
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+INTEGER_RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255),
+                  np.dtype(np.int16): (-(2**15), 2**15 - 1), np.dtype(np.uint16): (0, 2**16 - 1),
+                  np.dtype(np.int32): (-(2**31), 2**31 - 1)}
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output if o}
+
+
+def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant node outputs, by name."""
+    found = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            found[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return found
+
+
+def constant_types(model: onnx.ModelProto) -> dict[str, int]:
+    found = {t.name: t.data_type for t in model.graph.initializer}
+    return found | {n.output[0]: n.attribute[0].t.data_type for n in model.graph.node if n.op_type == "Constant"}
+
+
+def weight_source(made_by: dict, name: str) -> onnx.NodeProto | None:
+    """The node making `name`, looking through no-ops (Identity, Dropout, Cast)."""
+    node = made_by.get(name)
+    while node is not None and node.op_type in ("Identity", "Dropout", "Cast"):
+        node = made_by.get(node.input[0])
+    return node
+
+
+def dequantized_inputs(model: onnx.ModelProto) -> dict[tuple[str, int], onnx.NodeProto]:
+    """(layer name, input position) -> the DequantizeLinear making that input (through no-ops):
+    the weight (1) of Conv / ConvTranspose / Gemm / MatMul, the bias (2) of the first three, and
+    the operands of an Add reading a MatMul (a Linear layer's bias)."""
+    made_by = producers(model)
+    found = {}
+    for node in model.graph.node:
+        positions = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}.get(node.op_type, ())
+        if node.op_type == "Add" and any(getattr(made_by.get(i), "op_type", "") == "MatMul" for i in node.input):
+            positions = (0, 1)
+        for position in positions:
+            source = weight_source(made_by, node.input[position]) if position < len(node.input) and node.input[position] else None
+            if source is not None and source.op_type == "DequantizeLinear":
+                found[(node.name, position)] = source
+    return found
+
+
+def quantized_layers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Layer name -> the DequantizeLinear making its weight (input 1), through no-ops."""
+    return {name: dq for (name, position), dq in dequantized_inputs(model).items() if position == 1}
+
+
+def quantized_biases(model: onnx.ModelProto) -> set[str]:
+    """Layers a fold writes a quantized bias for: Conv / ConvTranspose / Gemm with a dequantized
+    input 2, a MatMul read by an Add with a dequantized operand."""
+    made_by, found = producers(model), set()
+    for name, position in dequantized_inputs(model):
+        node = next(n for n in model.graph.node if n.name == name)
+        if node.op_type == "Add":
+            found.update(made_by[i].name for i in node.input if getattr(made_by.get(i), "op_type", "") == "MatMul")
+        elif position == 2:
+            found.add(name)
+    return found
+
+
+def attr(node: onnx.NodeProto, name: str, default):
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else helper.get_attribute_value(found)
+
+
+def output_layout(layer: onnx.NodeProto) -> tuple[int, int]:
+    """(the weight's output-channel axis, groups splitting it)."""
+    if layer.op_type == "Conv":
+        return 0, 1
+    if layer.op_type == "ConvTranspose":
+        return 1, attr(layer, "group", 1)
+    if layer.op_type == "Gemm":
+        return (0 if attr(layer, "transB", 0) else 1), 1
+    return 1, 1
+
+
+def along(vector: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    if axis is None or vector.ndim == 0:
+        return vector.reshape(())
+    dims = [1] * ndim
+    dims[axis] = -1
+    return vector.reshape(dims)
+
+
+def quantize_like_onnx(weight, scale, zero_point, axis, low, high) -> np.ndarray:
+    """QuantizeLinear by the spec: float32 weight / scale, round half to even, + zero point,
+    saturated; as int64."""
+    ratio = np.asarray(weight, np.float32) / along(np.asarray(scale, np.float32), axis, weight.ndim)
+    return np.clip(np.rint(ratio) + along(zero_point.astype(np.int64), axis, weight.ndim), low, high).astype(np.int64)
+
+
+def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """A constant, or what a DequantizeLinear (per tensor) of constants makes of them."""
+    values = constants(model)
+    if name in values:
+        return values[name]
+    dq = producers(model)[name]
+    assert dq.op_type == "DequantizeLinear", dq
+    zero_point = values[dq.input[2]].astype(np.int64) if len(dq.input) > 2 and dq.input[2] else 0
+    scale = values[dq.input[1]]
+    return ((values[dq.input[0]].astype(np.int64) - zero_point).astype(np.float32) * scale.astype(np.float32)).astype(scale.dtype)
+
+
+def bn_affine(case: GraphCase, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:
+    """BN's (scale, shift) in float64 from the original's constants (or dequantized constants)."""
+    gamma, beta, mean, var = (constant_value(case.model, name).astype(np.float64) for name in bn.input[1:5])
+    s = gamma / np.sqrt(var + np.float64(np.float32(attr(bn, "epsilon", 1e-5))))
+    return s, beta - mean * s
+
+
+def expected_quantized_fold(case: GraphCase, bn: onnx.NodeProto, layer: onnx.NodeProto) -> str | None:
+    """None when BN folds exactly into `layer`, whose weight or bias a DequantizeLinear makes,
+    else a fragment of the reason it must be kept with; worked out from the original model,
+    independently of bnfold, in the order bnfold checks (weight, then bias)."""
+    inputs = dequantized_inputs(case.model)
+    s, shift = bn_affine(case, bn)
+    weight_dq, bias_dq = inputs.get((layer.name, 1)), inputs.get((layer.name, 2))
+    reason = expected_weight_reason(case, s, layer, weight_dq) if weight_dq is not None else None
+    if reason is None and bias_dq is not None:
+        reason = expected_bias_reason(case, s, shift, layer, bias_dq)
+    return reason
+
+
+def expected_weight_reason(case: GraphCase, s: np.ndarray, layer: onnx.NodeProto, dq: onnx.NodeProto) -> str | None:
+    values, made_by = constants(case.model), producers(case.model)
+    opset = case.model.opset_import[0].version
+    out_axis, groups = output_layout(layer)
+    scale = values[dq.input[1]]
+    zero_point = values[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else None
+    quantizer = made_by.get(dq.input[0])
+    if quantizer is not None and quantizer.op_type == "QuantizeLinear":  # fake-quantized: over a float W
+        if readers(case.model.graph, dq.input[0]) != [dq]:
+            return "output is read elsewhere too"
+        weight = values[quantizer.input[0]]
+        integer = np.dtype(np.uint8) if zero_point is None else zero_point.dtype
+    else:
+        weight, integer = None, values[dq.input[0]].dtype
+    zero_point = np.zeros((), integer) if zero_point is None else zero_point
+    low, high = INTEGER_RANGES[integer]
+    rank = (weight if weight is not None else values[dq.input[0]]).ndim
+    axis = None if scale.size == 1 else attr(dq, "axis", 1) % rank
+    ints = (quantize_like_onnx(weight, scale, zero_point, axis, low, high) if weight is not None
+            else values[dq.input[0]].astype(np.int64))
+    if groups > 1:
+        return "grouped along axis 1"
+    if axis is not None and axis != out_axis:
+        return f"quantized along axis {axis}"
+    if axis is None and opset < 13 and not np.all(np.abs(s) == np.abs(s[0])):
+        return f"of opset {opset}, which has no per-channel scales"
+    new_scale = (np.broadcast_to(scale.astype(np.float64), s.shape) * np.abs(s)).astype(scale.dtype)
+    if not np.all(np.isfinite(new_scale)) or np.any(np.abs(new_scale) < np.finfo(scale.dtype).tiny):
+        return "the scaled quantization scale leaves the float range"  # or would be flushed to zero as a subnormal
+    negated = np.where(along(s < 0, out_axis, rank), 2 * along(zero_point.astype(np.int64), axis, rank) - ints, ints)
+    outside = np.moveaxis((negated < low) | (negated > high), out_axis, 0).reshape(len(s), -1).any(axis=1)
+    if outside.any():
+        return f"BN scale is negative on channel {int(np.flatnonzero(outside)[0])} and its quantized weights there cannot be negated within {integer.name}"
+    if weight is not None:
+        new_weight = (weight.astype(np.float64) * along(s, out_axis, rank)).astype(weight.dtype)
+        new_zero = np.broadcast_to(zero_point, s.shape)
+        moved = int(np.count_nonzero(quantize_like_onnx(new_weight, new_scale, new_zero, out_axis, low, high) != negated))
+        if moved:
+            return f"{moved} quantized weights would move by a step"
+    return None
+
+
+def expected_bias_reason(case: GraphCase, s, shift, layer: onnx.NodeProto, dq: onnx.NodeProto) -> str | None:
+    """An int32 bias is quantized again at scale * |s|: refused when not an int32 vector, per
+    tensor before opset 13 (unless |s| is one value), or overflowing int32."""
+    values, opset = constants(case.model), case.model.opset_import[0].version
+    stored, scale = values[dq.input[0]], values[dq.input[1]]
+    if stored.dtype != np.int32 or stored.ndim != 1:
+        return "other than as an int32 vector"
+    if scale.size == 1 and opset < 13 and not np.all(np.abs(s) == np.abs(s[0])):
+        return f"of opset {opset}, which has no per-channel scales"
+    bias = stored.astype(np.float32) * np.asarray(scale, np.float32)
+    beta = attr(layer, "beta", 1.0) if layer.op_type == "Gemm" else 1.0
+    folded = np.float64(beta) * bias.astype(np.float64) * s + shift
+    new_scale = (np.broadcast_to(scale.astype(np.float64), s.shape) * np.abs(s)).astype(np.float32)
+    integers = np.rint(folded / new_scale.astype(np.float64))
+    if not np.all(np.isfinite(integers)) or integers.min() < -(2**31) or integers.max() > 2**31 - 1:
+        return "overflows int32"
+    return None
+
+
+def check_quantized(case: GraphCase, result) -> None:
+    """Invariant 7 (see the module docstring), judged against the original graph."""
+    inputs, folded = dequantized_inputs(case.model), {n.name: n for n in result.model.graph.node}
+    made_by, made_after = producers(case.model), producers(result.model)
+    kinds, kinds_after = constant_types(case.model), constant_types(result.model)
+    for (name, position), dq in inputs.items():  # no silent de-quantization
+        node = folded[name]
+        now = weight_source(made_after, node.input[position])
+        assert now is not None and now.op_type == "DequantizeLinear", f"{name}: input {position} {node.input[position]!r} no longer from a DequantizeLinear"
+        if getattr(made_by.get(dq.input[0]), "op_type", "") == "QuantizeLinear":
+            quantizer = made_after.get(now.input[0])
+            assert quantizer is not None and quantizer.op_type == "QuantizeLinear", f"{name}: no longer fake-quantized"
+        else:
+            assert kinds_after.get(now.input[0]) == kinds[dq.input[0]], f"{name}: stored integers {now.input[0]!r} changed type"
+    weights, biases = set(quantized_layers(case.model)), quantized_biases(case.model)
+    for fold in result.report.folded:  # the report marks the folds into quantized weights
+        forward = DIRECTION.get(fold.rule) == "forward"  # a backward fold writes neither a quantized weight nor bias
+        assert fold.quantized == (forward and (fold.into in weights or fold.into in biases)), fold
+        assert forward or fold.into not in weights, fold
+    records = bn_records(case, result.report)
+    graph, outputs = case.model.graph, {o.name for o in case.model.graph.output}
+    for bn in bn_nodes(case.model):  # BN after a quantized layer: folded exactly when it can be, else kept with why
+        facts, layer = case.bns[bn.output[0]], made_by.get(bn.input[0])
+        if facts.training or not facts.constant_params or layer is None or layer.name not in weights | biases:
+            continue
+        if layer.op_type not in LAYERS or bn.input[0] in outputs or readers(graph, bn.input[0]) != [bn]:
+            continue
+        if layer.op_type == "MatMul" and len(case.shapes[bn.input[0]]) != 2:
+            continue
+        expected, record_ = expected_quantized_fold(case, bn, layer), records[node_label(bn)]
+        into_layer = isinstance(record_, bnfold.Folded) and record_.into == layer.name
+        if expected is None:
+            assert into_layer or (isinstance(record_, bnfold.Kept) and "overflow" in record_.reason), (node_label(bn), record_)
+        else:
+            assert not into_layer, (node_label(bn), expected, record_)
+            assert isinstance(record_, bnfold.Folded) or expected in record_.reason, (node_label(bn), expected, record_.reason)
 
 
 # --------------------------------------------------------------------------- the properties
@@ -310,6 +557,14 @@ def check_invariants(case: GraphCase):
 @PROPERTY
 @given(case=graph_cases())
 def test_fold_random_graph_all_invariants_hold(case):
+    check_invariants(case)
+
+
+@PROPERTY
+@given(case=graph_cases(quantized=True))
+def test_fold_random_quantized_graph_all_invariants_hold(case):
+    """Layer weights mostly from DequantizeLinear (stored or fake-quantized, per tensor or per
+    channel, int8/uint8, low ends, shared): invariants 1-7 against the quantized original."""
     check_invariants(case)
 
 
@@ -368,6 +623,55 @@ def test_property_planted_unsafe_fold_is_caught(rng):
     forged = bnfold.FoldResult(result.model, bnfold.FoldReport(folded=(bnfold.Folded("bn", "conv", "bn_into_conv"),), bn_before=1))
     with pytest.raises(AssertionError):
         check_safety(case, forged)
+
+
+def _quantized_conv_bn_case(rng, low_end: bool = False) -> GraphCase:
+    """_conv_bn_case with W = DequantizeLinear(int8 per output channel, zero point 0), and BN's
+    scale negative on channel 0; `low_end`: W's channel 0 holds -128, which cannot be negated."""
+    case = _conv_bn_case(rng)
+    graph = case.model.graph
+    w = next(t for t in graph.initializer if t.name == "W")
+    values = onnx.numpy_helper.to_array(w)
+    scale = (np.abs(values).reshape(4, -1).max(axis=1) / 127).astype(np.float32)
+    q = np.clip(np.rint(values / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+    if low_end:
+        q[0, 0, 0, 0] = -128
+    graph.initializer.remove(w)
+    graph.initializer.extend([tensor("Wq", q), tensor("ws", scale), tensor("wz", np.zeros(4, np.int8))])
+    graph.node.insert(0, helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["W"], name="dq", axis=0))
+    bn_scale = next(t for t in graph.initializer if t.name == "bn_scale")
+    gamma = onnx.numpy_helper.to_array(bn_scale).copy()
+    gamma[0] = -abs(gamma[0])
+    bn_scale.CopyFrom(onnx.numpy_helper.from_array(gamma, "bn_scale"))
+    onnx.checker.check_model(case.model, full_check=True)
+    case.quantized = {"W": QuantFacts("dq", False, "int8", "0", 0, low_end)}
+    return case
+
+
+def test_property_planted_dequantized_fold_is_caught(rng, monkeypatch):
+    """A fold that writes the quantized weight back as a float initializer (right values, no
+    DequantizeLinear left) fails invariant 7."""
+    from bnfold.rules.base import Rule
+
+    case = _quantized_conv_bn_case(rng)
+    check_invariants(case)  # the honest fold passes
+    monkeypatch.setattr(Rule, "scaled_weight", staticmethod(lambda bn, graph, node, position, weight, axis, groups=1:
+                                                             algebra.scale_along_axis_cast(weight, bn.scale, axis, groups)))
+    with pytest.raises(AssertionError, match="no longer from a DequantizeLinear"):
+        check_invariants(case)
+
+
+def test_property_planted_fold_through_a_low_end_is_caught(rng, monkeypatch):
+    """int8 -128 on a channel BN negates: kept; a fold that believes int8 reaches +128 wraps the
+    negated -128 around and fails invariant 7 (the BN had to be kept)."""
+    from bnfold import weights
+
+    case = _quantized_conv_bn_case(rng, low_end=True)
+    result = check_invariants(case)
+    assert "cannot be negated within int8" in result.report.kept[0].reason
+    monkeypatch.setitem(weights._RANGES, onnx.TensorProto.INT8, (-128, 128))
+    with pytest.raises(AssertionError, match="cannot be negated"):
+        check_invariants(case)
 
 
 # --------------------------------------------------------------------------- bugs the properties found
