@@ -20,7 +20,7 @@ from bnfold.errors import UsageError, VerificationFailed
 from bnfold.graph import DEFAULT_DOMAINS, GraphIndex, ModelIndex, node_label
 from bnfold.report import BATCHNORM, FoldReport, Folded, Kept
 from bnfold.rules import ALL_RULES, RULE_NAMES, RULES
-from bnfold.rules.base import apply_plan, plan_site, match_batchnorm, match_consumer, match_producer, no_consumer_reason
+from bnfold.rules.base import apply_plan, match_batchnorm, match_consumer, match_producer, no_consumer_reason, plan_changes, plan_site
 from bnfold.rules.decomposed import ChainFolder, prime_types
 from bnfold.standalone import MODES as STANDALONE_MODES, convert_kept
 
@@ -202,7 +202,8 @@ def fold_graph(graph: GraphIndex, rules, skip: dict, standalone: str = "keep") -
     if standalone == "affine":
         converted, kept = convert_kept(graph, kept, skip)
         folded += converted
-    return folded + chains.folded, kept + chains.kept
+    records = [dataclasses.replace(f, site=graph.current_site(f.site)) if f.site else f for f in folded + chains.folded]
+    return records, kept + chains.kept
 
 
 def select_rules(names: Iterable[str] | None):
@@ -229,7 +230,6 @@ def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list
     """
     folded: list[Folded] = []
     kept: dict[int, tuple[onnx.NodeProto, Kept]] = {}
-    sited: dict[str, list[int]] = {}  # site -> the folds (indices in `folded`) compared there
     work = _Worklist(n for n in graph.live_nodes() if is_batchnorm(n))
     while work:
         progress = False
@@ -239,7 +239,6 @@ def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list
             if isinstance(result, Kept):
                 kept[id(node)] = (node, result)
                 continue
-            _move_stale_sites(folded, sited, result)
             folded.append(result)
             kept.pop(id(node), None)
             progress = True
@@ -249,17 +248,6 @@ def apply_rules(graph: GraphIndex, rules, skip=None) -> tuple[list[Folded], list
         if progress:
             work.push(node for node, _ in kept.values())
     return folded, [reason for _, reason in kept.values()]
-
-
-def _move_stale_sites(folded: list[Folded], sited: dict[str, list[int]], fold: Folded) -> None:
-    """Before `fold` joins `folded`: an earlier fold whose site is the value `fold`'s layer wrote
-    before `fold` rescaled it (a scale moved through a Relu into that layer) is compared at
-    `fold`'s site instead, which carries both folds; `sited` keeps track."""
-    moved = sited.pop(fold.changed, []) if fold.changed and fold.changed != fold.site else []
-    for index in moved:
-        folded[index] = dataclasses.replace(folded[index], site=fold.site)
-    if fold.site:
-        sited.setdefault(fold.site, []).extend([*moved, len(folded)])
 
 
 class _Worklist:
@@ -320,10 +308,10 @@ def fold_one(node: onnx.NodeProto, graph: GraphIndex, rules, skip=None) -> Folde
             label, site = bn.label, plan_site(result)  # before the edit: a BN turned into an Add would be named as the Add
             quantized = [value for _, _, value in result.new_inputs if isinstance(value, QuantizedWrite)]
             rounding = max((w.rounding for w in quantized if w.rounding is not None), default=None)
-            changed = result.into.output[0] if result.into.output else ""
+            graph.moved_sites(plan_changes(result), site)
             apply_plan(result, graph)
             return Folded(label, node_label(result.into), rule.name, graph.path, site=site, quantized=bool(quantized),
-                          bias_rounding=rounding, changed=changed)
+                          bias_rounding=rounding)
         attempts.append((result, candidate))
     (forward, has_producer), (backward, has_consumer) = attempts
     if has_producer and not has_consumer:

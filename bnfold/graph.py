@@ -235,6 +235,7 @@ class GraphIndex:
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self._constants: dict[str, tuple[np.ndarray, int] | None] = {}  # see _constant
         self._too_deep: dict[str, int] = {}  # name -> largest budget its subgraph exceeded
+        self.site_aliases: dict[str, str] = {}  # fold site -> where it is compared now (moved_sites)
         self._index_nodes()
 
     def _index_nodes(self) -> None:
@@ -505,6 +506,23 @@ class GraphIndex:
         self.consumers[inner].append(add)
         self.consumers[bias_name].append(add)
         return add
+
+    def moved_sites(self, changed, site: str) -> None:
+        """A fold about to change how the values `changed` are computed, compared at `site`: an
+        earlier fold compared at one of them is compared at `site` instead, which carries both
+        (a scale moved through a Relu into a layer that already absorbed a BN, a bias Add merged
+        on)."""
+        for name in changed:
+            if name and site and name != site:
+                self.site_aliases[name] = site
+
+    def current_site(self, site: str) -> str:
+        """Where the fold first compared at `site` is compared now (see moved_sites)."""
+        seen = {site}
+        while site in self.site_aliases and self.site_aliases[site] not in seen:
+            site = self.site_aliases[site]
+            seen.add(site)
+        return site
 
     def copy_node(self, node: onnx.NodeProto) -> onnx.NodeProto:
         """A copy of `node` writing fresh names, placed right after it (for a fold that must

@@ -32,10 +32,6 @@ class Folded:
     # `bias_rounding`: an int32 bias quantized again, its largest rounding in steps (<= 0.5).
     quantized: bool = False
     bias_rounding: float | None = None
-    # The value the absorbing layer wrote before this fold changed its weights: an earlier fold
-    # whose site it is can no longer be compared there (bnfold.api.apply_rules moves that site).
-    # Not reported.
-    changed: str = dataclasses.field(default="", compare=False, repr=False)
 
     def to_dict(self) -> dict:
         site = {"site": self.site} if self.site else {}

@@ -1,5 +1,6 @@
-"""Bugs the quantized property test (test_property.py, graph_cases(quantized=True)) found in the
-folding of BN into weights that DequantizeLinear makes, each as a minimal model.
+"""Bugs the quantized property test (test_property.py, graph_cases(quantized=True)) found, in the
+folding of BN into weights that DequantizeLinear makes and in verification's fold sites (float
+models too), each as a minimal model.
 
 A test of a bug not fixed yet is marked xfail(strict=True) and states what bnfold should do;
 the property test tolerates such a bug (counted in test_property.KNOWN_BUGS_SEEN) so that it
@@ -93,14 +94,14 @@ def test_regression_opset_below_13_per_tensor_int32_bias_stays_per_tensor():
 # --------------------------------------------------------------------------- found on the way, not quantized
 
 
-@pytest.mark.xfail(strict=True, reason="plan_site names the MatMul product as a backward fold's site, but the shift went into the next Add's bias: the product changes and verification rolls the correct fold back")
+
 def test_bn_into_next_matmul_with_bias_add_verifies(tmp_path):
     """Found by running the quantized random graphs through fold_file (verification and rollback),
     but a float model shows it: x [2, 4] -> BN 'bn' -> MatMul 'mm' (W [4, 3]) -> Add 'add' (b [3])
     -> y. bn_into_next_matmul scales W's rows and moves shift @ W into the Add's constant b, so
     the fold is exact at y (error ~2e-7), but the fold's site (Folded.site, what verification
     compares for that fold) is 'm', the product, which now lacks shift @ W: the site check fails
-    (max abs error ~0.77) and fold_file rolls the correct fold back ("verification failed"). The
+    (max abs error ~0.77) and fold_file rolled the correct fold back ("verification failed"). The
     site of a backward fold whose bias went into the following Add is that Add's output."""
     rng = np.random.default_rng(0)
     names = ["bn_scale", "bn_B", "bn_mean", "bn_var"]
@@ -124,7 +125,7 @@ def test_bn_into_next_matmul_with_bias_add_verifies(tmp_path):
     assert result.verification.status == "passed"
 
 
-@pytest.mark.xfail(strict=True, reason="a later bn_scale_through_relu fold rescales the producer an earlier fold's site names: verification compares the stale site and rolls the correct fold back")
+
 def test_bn_into_conv_then_scale_through_relu_verifies(tmp_path):
     """Found like the one above (the quantized random graphs through fold_file), float too:
     x [1, 3, 6, 6] -> Conv 'layer' (W [4, 3, 3, 3]) -> BN 'bn1' (scale of both signs) -> Relu ->
@@ -163,13 +164,14 @@ def test_bn_into_conv_then_scale_through_relu_verifies(tmp_path):
     assert result.verification.status == "passed"
 
 
-@pytest.mark.xfail(strict=True, reason="a later affine_into_matmul fold merges the bias Add that writes an earlier fold's site into the next Add: verification compares the stale site and rolls the correct fold back")
+
 def test_bn_into_matmul_add_then_affine_merge_verifies(tmp_path):
     """The same kind, a third way (found the same way, float too): x [2, 4] -> MatMul 'mm'
     (W [4, 3]) -> Add 'add' (b) -> BN 'bn' -> Add 'addk' (k) -> y. bn_into_matmul_add folds the
     BN (site 'n', which the bias Add now writes), then affine_into_matmul merges that bias Add
     into Add 'addk': the MatMul now writes 'n' without b and the shift, so bn's site is stale
-    (max abs error ~1.1) and fold_file rolls the correct fold back."""
+    (max abs error ~1.1) and fold_file rolled the correct fold back. Fixed: the chain fold moves the
+    site to its own (GraphIndex.moved_sites)."""
     rng = np.random.default_rng(0)
     names = ["bn_s", "bn_b", "bn_m", "bn_v"]
     params = [rng.uniform(0.5, 2, 3) * np.array([-1, 1, 1]), rng.normal(0, 1, 3), rng.normal(0, 1, 3), rng.uniform(0.5, 2, 3)]

@@ -215,6 +215,14 @@ def plan_site(plan: Plan) -> str:
     return product
 
 
+def plan_changes(plan: Plan) -> list[str]:
+    """The values the plan's nodes write before it is applied: the layer's output and those of
+    the nodes whose constants it replaces. An earlier fold compared at one of them no longer
+    can be (see GraphIndex.moved_sites)."""
+    nodes = {id(plan.into): plan.into, **{id(node): node for node, _, _ in plan.new_inputs}}
+    return [node.output[0] for node in nodes.values() if node.output]
+
+
 def apply_plan(plan: Plan, graph: GraphIndex) -> None:
     """Mutate the graph: new constants in, BN out (or turned into Add), names preserved."""
     apply_new_tensors(plan, graph)

@@ -22,7 +22,7 @@ import numpy as np
 from bnfold.graph import GraphIndex, node_label
 from bnfold.report import Folded, Kept
 from bnfold.rules.affine_chain import ARITHMETIC_OPS, AffineChain, match_chain, value_dims
-from bnfold.rules.base import Plan, apply_new_tensors, match_consumer, plan_site
+from bnfold.rules.base import Plan, apply_new_tensors, match_consumer, plan_changes, plan_site
 from bnfold.rules.conv import BnIntoConv
 from bnfold.rules.conv_transpose import BnIntoConvTranspose
 from bnfold.rules.gemm import BnIntoGemm
@@ -75,6 +75,7 @@ def fold_chain(chain: AffineChain, graph: GraphIndex, rules) -> Folded | Kept | 
             plan = _without_zero_bias(result)
             if _ops_added(plan) < len(chain.ops):
                 record = Folded(chain.label, node_label(plan.into), rule.name, graph.path, ops=chain.op_types, site=plan_site(plan))
+                graph.moved_sites([*plan_changes(plan), *(op.node.output[0] for op in chain.ops)], record.site)
                 apply_chain_plan(plan, chain, graph)
                 return record
             minimal = True
