@@ -214,7 +214,6 @@ class QuantizedWrite:
 
 def scaled(source: Quantized, factor: np.ndarray, axis: int, groups: int = 1) -> QuantizedWrite | str:
     """The source times `factor` along `axis` (the layer's output channels), exactly, or why not."""
-    weight_rank = source.stored.ndim
     if groups > 1 and axis != 0:
         return f"weight is quantized ({source.label}) and grouped along axis {axis}, which is not folded"
     if source.axis is not None and source.axis != axis:
@@ -239,17 +238,9 @@ def scaled(source: Quantized, factor: np.ndarray, axis: int, groups: int = 1) ->
     if zero_point is not None and per_channel and source.axis is None:  # per channel too, as the scale now is
         zero_point = np.full(channels, source.zero_point.reshape(()))
     negative = factor < 0
-    expected = source.stored.astype(np.int64)
-    if negative.any():
-        zp = _along(np.asarray(source.zero_point if source.zero_point is not None else 0).astype(np.int64), source.axis, weight_rank)
-        flipped = 2 * zp - expected
-        expected = np.where(_along(negative, axis, weight_rank), flipped, expected)
-        low, high = _RANGES[source.integer_type]
-        outside = (expected < low) | (expected > high)
-        if outside.any():
-            channel = int(np.flatnonzero(np.moveaxis(outside, axis, 0).reshape(channels, -1).any(axis=1))[0])
-            return (f"BN scale is negative on channel {channel} and its quantized weights there cannot be negated "
-                    f"within {onnx.TensorProto.DataType.Name(source.integer_type).lower()} (zero point or the range's low end)")
+    expected = _negated(source, negative, axis)
+    if isinstance(expected, str):
+        return expected
     if source.float_weight is not None:
         new_weight = algebra.scale_along_axis_cast(source.float_weight, factor, axis)
         got = quantize(new_weight, scale, zero_point, out_axis, source.integer_type)
@@ -261,6 +252,23 @@ def scaled(source: Quantized, factor: np.ndarray, axis: int, groups: int = 1) ->
     stored = expected.astype(source.stored.dtype) if negative.any() else None
     value = dequantize(expected, scale, zero_point, out_axis)
     return QuantizedWrite(source, value, scale, zero_point, out_axis, stored=stored)
+
+
+def _negated(source: Quantized, negative: np.ndarray, axis: int) -> np.ndarray | str:
+    """The integers (int64) with the channels `negative` along `axis` negated about the zero
+    point, q' = 2 * zp - q; why not when one leaves the integer type's range."""
+    stored = source.stored.astype(np.int64)
+    if not negative.any():
+        return stored
+    zero = np.asarray(source.zero_point if source.zero_point is not None else 0).astype(np.int64)
+    flipped = np.where(_along(negative, axis, stored.ndim), 2 * _along(zero, source.axis, stored.ndim) - stored, stored)
+    low, high = _RANGES[source.integer_type]
+    outside = (flipped < low) | (flipped > high)
+    if outside.any():
+        channel = int(np.flatnonzero(np.moveaxis(outside, axis, 0).reshape(negative.size, -1).any(axis=1))[0])
+        return (f"BN scale is negative on channel {channel} and its quantized weights there cannot be negated "
+                f"within {onnx.TensorProto.DataType.Name(source.integer_type).lower()} (zero point or the range's low end)")
+    return flipped
 
 
 def rebiased(source: Quantized, bias64: np.ndarray, factor: np.ndarray) -> QuantizedWrite | str:
