@@ -17,8 +17,6 @@ what a fold changes and what verification must see.
 
 from __future__ import annotations
 
-import os
-
 import onnx
 
 from bnfold.graph import DEFAULT_DOMAINS, names_read
@@ -43,23 +41,17 @@ def activation_quantizers(model: onnx.ModelProto) -> list[str]:
     return found
 
 
-def pinned(model, names: dict) -> onnx.ModelProto | None:
-    """A copy of `model` (a proto, or a path whose weights are embedded) in which the outputs
-    `names` (name -> the value they are pinned to) are graph inputs; None when the model keeps
-    external data (it is then run as it is)."""
-    if not isinstance(model, onnx.ModelProto):
-        path = os.fspath(model)
-        model = onnx.load(path, load_external_data=False)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-            return None
-    else:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
-    for node in model.graph.node:
+def pinned(model: onnx.ModelProto, names: dict) -> onnx.ModelProto | None:
+    """A copy of `model` in which the outputs `names` (name -> the value they are pinned to)
+    are graph inputs; None when the model keeps external data (it is then run as it is)."""
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
         if node.op_type == "QuantizeLinear" and node.output and node.output[0] in names:
             node.output[0] += SUFFIX
     for name, value in names.items():
         element = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-        model.graph.input.append(onnx.helper.make_tensor_value_info(name, element, value.shape))
-    return model
+        copy.graph.input.append(onnx.helper.make_tensor_value_info(name, element, value.shape))
+    return copy

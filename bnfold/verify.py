@@ -20,11 +20,12 @@ import numpy as np
 import onnx
 
 from bnfold import engines, memory, pinning, shadow
-from bnfold.tensors import is_external, iter_tensors
 from bnfold import inputs as model_inputs
 from bnfold import sites as site_names
 from bnfold.compare import OUTPUT, SITE, OutputCheck, compare_all, compare_outputs, default_tolerance, judge_by_shadow, json_float
 from bnfold.engines import CPU, CUDA, REFERENCE, available_providers, load_problem, run_model
+from bnfold.external import external_ref
+from bnfold.tensors import is_external, iter_tensors
 
 PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
 # Fold sites are fetched in groups of about this many bytes (the reference's values, once more
@@ -189,7 +190,7 @@ class Reference:
         if sites is None:
             sites = site_names.recorded(cand_graph) or site_names.alike(self.graph, cand_graph)
         wanted = site_names.comparable(sites, self.graph, cand_graph)
-        candidate = self._pinned_candidate(candidate)
+        candidate = self._pinned_candidate(candidate, cand_graph)
         dynamic = model_inputs.has_nonpositive_dims(cand_graph)
         start = time.perf_counter()  # counts the reference's share too when it runs now
         checks, engine, used, note = [], "onnxruntime", (), ""
@@ -211,7 +212,7 @@ class Reference:
         """The original's integers at each activation QuantizeLinear (CPU), to pin in both
         models; {} for a model without any, or one that keeps external data."""
         names = pinning.activation_quantizers(self.graph)
-        whole = pinning.pinned(self.model, {}) if names else None
+        whole = pinning.pinned(self.graph, {}) if names else None
         if whole is None:
             return {}
         _, values, _ = engines.run_model(engines.with_outputs(whole, names), self.feeds, [CPU], "reference")
@@ -221,18 +222,18 @@ class Reference:
     @functools.cached_property
     def _runnable(self):
         """The original as verification runs it: with its quantized activations pinned."""
-        return pinning.pinned(self.model, self._pins) if self._pins else self.model
+        return pinning.pinned(self.graph, self._pins) if self._pins else self.model
 
     @property
     def _run_feeds(self) -> dict[str, np.ndarray]:
         return {**self.feeds, **self._pins} if self._pins else self.feeds
 
-    def _pinned_candidate(self, candidate):
-        """The candidate with the same activations pinned; one that cannot be (external data)
-        has both run unpinned from then on."""
+    def _pinned_candidate(self, candidate, cand_graph: onnx.ModelProto):
+        """The candidate (read as `cand_graph`) with the same activations pinned; one that
+        cannot be (external data) has both run unpinned from then on."""
         if not self._pins:
             return candidate
-        pinned = pinning.pinned(candidate, self._pins)
+        pinned = pinning.pinned(cand_graph, self._pins)
         if pinned is None:
             self.__dict__.update(_pins={}, _runnable=self.model)
             self._values.clear()
@@ -305,10 +306,8 @@ class Reference:
         the candidate's are about as big), 0 for a model in memory or too big to matter."""
         if isinstance(self.model, onnx.ModelProto) or os.path.getsize(self.model) > TOGETHER_MAX_BYTES:
             return 0
-        model = onnx.load(os.fspath(self.model), load_external_data=False)
         folder = os.path.dirname(os.path.abspath(os.fspath(self.model)))
-        locations = {entry.value for tensor in iter_tensors(model) if is_external(tensor)
-                     for entry in tensor.external_data if entry.key == "location"}
+        locations = {external_ref(tensor, self.model).location for tensor in iter_tensors(self.graph) if is_external(tensor)}
         return sum(os.path.getsize(path) for path in (os.path.join(folder, name) for name in locations) if os.path.isfile(path))
 
     def _reference_ort(self, provider: str, group: tuple) -> dict[str, np.ndarray]:
