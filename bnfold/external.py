@@ -210,26 +210,33 @@ def _write_compacted(tensors: list, source: pathlib.Path, target: pathlib.Path, 
     """`target` holds the data of `tensors` (all in `source`), copied range by range in the
     kernel, each at an aligned offset; the tensors point at it (`undo` restores them). Tensors
     sharing one range keep sharing it."""
-    placed: dict[tuple[int, int], int] = {}
+    refs = [external_ref(tensor, source) for tensor in tensors]
+    ranges = [(ref.offset, ref.length if ref.length is not None else byte_size(tensor)) for ref, tensor in zip(refs, tensors)]
+    unique = list(dict.fromkeys(ranges))
     src = os.open(source, os.O_RDONLY)
     try:
         dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            end = 0
-            for tensor in tensors:
-                ref = external_ref(tensor, source)
-                length = ref.length if ref.length is not None else byte_size(tensor)
-                key = (ref.offset, length)
-                if key not in placed:
-                    placed[key] = end + (-end % ALIGN)
-                    copy_exactly(src, ref.offset, dst, placed[key], length)
-                    end = placed[key] + length
-                undo.append(_stub_restorer(tensor))
-                _point_at(tensor, ref.location, placed[key], length)
+            placed = dict(zip(unique, _copy_aligned(src, dst, 0, unique)))
         finally:
             os.close(dst)
     finally:
         os.close(src)
+    for tensor, ref, key in zip(tensors, refs, ranges):
+        undo.append(_stub_restorer(tensor))
+        _point_at(tensor, ref.location, placed[key], key[1])
+
+
+def _copy_aligned(src: int, dst: int, end: int, ranges) -> list[int]:
+    """Copy each (offset, length) range of `src` into `dst` from `end` on, each at the next
+    ALIGN boundary, in the kernel (copy_exactly); their offsets in `dst`."""
+    offsets = []
+    for offset, length in ranges:
+        at = end + (-end % ALIGN)
+        copy_exactly(src, offset, dst, at, length)
+        offsets.append(at)
+        end = at + length
+    return offsets
 
 
 def _spilled(model: onnx.ModelProto, spill) -> dict[int, tuple]:
@@ -251,17 +258,15 @@ def _append_spilled(spilled: list, folder: pathlib.Path, data_files: list[str], 
     fd = os.open(folder / data_name, os.O_WRONLY | os.O_CREAT, 0o666)  # not O_APPEND: copies write at an offset
     try:
         end = os.fstat(fd).st_size  # a data file being copied in is already at its full size
-        for index, tensor, stub in spilled:
-            offset = end + (-end % ALIGN)
-            copy_exactly(spill_fd, stub.data_offset, fd, offset, stub.data_length)
-            end = offset + stub.data_length
-            if index is None:
-                undo.append(_stub_restorer(tensor))
-                _point_at(tensor, data_name, offset, stub.data_length)
-            else:
-                records[index] = _external_record(tensor, data_name, offset, stub.data_length)
+        offsets = _copy_aligned(spill_fd, fd, end, [(stub.data_offset, stub.data_length) for _, _, stub in spilled])
     finally:
         os.close(fd)
+    for (index, tensor, stub), offset in zip(spilled, offsets):
+        if index is None:
+            undo.append(_stub_restorer(tensor))
+            _point_at(tensor, data_name, offset, stub.data_length)
+        else:
+            records[index] = _external_record(tensor, data_name, offset, stub.data_length)
     if data_name not in data_files:
         data_files.append(data_name)
     return records
