@@ -403,10 +403,7 @@ class GraphIndex:
         name = self._add_initializer(value, base)
         while len(node.input) <= position:
             node.input.append("")
-        if old:
-            self._drop_use(old, node)
-        node.input[position] = name
-        self.consumers[name].append(node)
+        self.set_input(node, position, name)
         return name
 
     def _owned_by(self, name: str, node: onnx.NodeProto, value: np.ndarray) -> bool:
