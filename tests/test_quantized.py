@@ -254,28 +254,36 @@ def test_quantized_matmul_weight_per_column(tmp_path, rng):
 # --------------------------------------------------------------------------- onnxruntime's quantizer
 
 
-def float_conv_bn_relu(rng, blocks: int = 2) -> onnx.ModelProto:
+def float_conv_bn_relu(rng, blocks: int = 2, channels: int = C, size: int = 8, he_init: bool = False) -> onnx.ModelProto:
+    """`blocks` x Conv 3x3 (bias) -> BN (scale of both signs) -> Relu on `channels` channels;
+    weights N(0, 0.3), or N(0, 2 / fan-in) with `he_init` (values keep their scale with depth)."""
     inits, nodes, x, cin = [], [], "x", 3
     for i in range(blocks):
-        inits += [numpy_helper.from_array(rng.normal(0, 0.3, [C, cin, 3, 3]).astype(np.float32), f"W{i}"),
-                  numpy_helper.from_array(rng.normal(0, 0.1, C).astype(np.float32), f"B{i}")]
+        std = (2 / (cin * 9)) ** 0.5 if he_init else 0.3
+        inits += [numpy_helper.from_array(rng.normal(0, std, [channels, cin, 3, 3]).astype(np.float32), f"W{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), f"B{i}")]
         names = [f"bn{i}_{n}" for n in ("scale", "B", "mean", "var")]
-        inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, bn_params(rng, C, True))]
+        inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, bn_params(rng, channels, True))]
         nodes += [helper.make_node("Conv", [x, f"W{i}", f"B{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
                   helper.make_node("BatchNormalization", [f"c{i}", *names], [f"n{i}"], name=f"bn{i}"),
                   helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}")]
-        x, cin = f"r{i}", C
-    graph = helper.make_graph(nodes, "float", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, C, 8, 8])], inits)
+        x, cin = f"r{i}", channels
+    graph = helper.make_graph(nodes, "float", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, channels, size, size])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def ort_quantized(tmp_path, rng, per_channel: bool, weights_only: bool):
+def ort_quantized(tmp_path, rng, per_channel: bool, weights_only: bool, activations: str = "QUInt8", **model):
+    """onnxruntime's quantize_static (QDQ) of float_conv_bn_relu(rng, **model): every Conv's
+    input activation quantized (`activations` type), its weight int8, its bias int32; with
+    `weights_only` the Conv outputs are left float."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     src, dst = tmp_path / "float.onnx", tmp_path / "quantized.onnx"
-    onnx.save(float_conv_bn_relu(rng), src)
-    batches = iter([{"x": rng.normal(size=[1, 3, 8, 8]).astype(np.float32)} for _ in range(4)])
+    float_model = float_conv_bn_relu(rng, **model)
+    onnx.save(float_model, src)
+    size = float_model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    batches = iter([{"x": rng.normal(size=[1, 3, size, size]).astype(np.float32)} for _ in range(4)])
 
     class Reader(CalibrationDataReader):
         def get_next(self):
@@ -283,7 +291,7 @@ def ort_quantized(tmp_path, rng, per_channel: bool, weights_only: bool):
 
     extra = {"OpTypesToExcludeOutputQuantization": ["Conv"]} if weights_only else {}
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, activation_type=getattr(QuantType, activations),
                     op_types_to_quantize=["Conv"], extra_options=extra)
     return dst
 
@@ -397,34 +405,10 @@ def test_quantized_gemm_weight_per_tensor_becomes_per_column(tmp_path, rng, tran
 # --------------------------------------------------------------------------- quantized activations pinned
 
 
-def qdq_chain(tmp_path, rng, blocks: int = 4, channels: int = 16, size: int = 16):
-    """onnxruntime's quantize_static of Conv -> BN -> Relu blocks: every Conv's input activation
-    quantized (Q/DQ), its weight int8 per channel, its bias int32; Conv outputs left float."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    inits, nodes, x, cin = [], [], "x", 3
-    for i in range(blocks):
-        inits += [numpy_helper.from_array(rng.normal(0, (2 / (cin * 9)) ** 0.5, [channels, cin, 3, 3]).astype(np.float32), f"W{i}"),
-                  numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), f"B{i}")]
-        names = [f"bn{i}_{n}" for n in ("scale", "B", "mean", "var")]
-        inits += [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in zip(names, bn_params(rng, channels, True))]
-        nodes += [helper.make_node("Conv", [x, f"W{i}", f"B{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
-                  helper.make_node("BatchNormalization", [f"c{i}", *names], [f"n{i}"], name=f"bn{i}"),
-                  helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}")]
-        x, cin = f"r{i}", channels
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, channels, size, size])], inits)
-    src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
-    batches = iter([{"x": rng.normal(size=[1, 3, size, size]).astype(np.float32)} for _ in range(4)])
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            return next(batches, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    op_types_to_quantize=["Conv"], extra_options={"OpTypesToExcludeOutputQuantization": ["Conv"]})
-    return dst
+def qdq_chain(tmp_path, rng):
+    """Four Conv -> BN -> Relu blocks of 16 channels at 16x16 through quantize_static: int8
+    activations before every Conv, int8 weights per channel, int32 biases, Conv outputs float."""
+    return ort_quantized(tmp_path, rng, True, True, activations="QInt8", blocks=4, channels=16, size=16, he_init=True)
 
 
 def test_quantized_activations_pinned_so_rounding_flips_do_not_undo_folds(tmp_path, rng):

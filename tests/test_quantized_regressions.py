@@ -94,6 +94,15 @@ def test_regression_opset_below_13_per_tensor_int32_bias_stays_per_tensor():
 # --------------------------------------------------------------------------- found on the way, not quantized
 
 
+def assert_right_and_verified(src, folded, x: np.ndarray) -> None:
+    """`folded` (bnfold.fold of `src`) computes what `src` does on `x`, and fold_file's own
+    verification agrees: nothing rolled back, every BN folded, verification passed."""
+    np.testing.assert_allclose(run_ort(folded.model, {"x": x})[0], run_ort(onnx.load(src), {"x": x})[0], rtol=1e-5, atol=1e-5)
+    result = bnfold.fold_file(src)
+    assert result.report.rolled_back == () and result.report.bn_after == 0, result.report.to_dict()["rolled_back"]
+    assert result.verification.status == "passed"
+
+
 
 def test_bn_into_next_matmul_with_bias_add_verifies(tmp_path):
     """Found by running the quantized random graphs through fold_file (verification and rollback),
@@ -118,11 +127,7 @@ def test_bn_into_next_matmul_with_bias_add_verifies(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
     folded = bnfold.fold(src)
     assert [f.rule for f in folded.report.folded] == ["bn_into_next_matmul"]
-    x = {"x": rng.normal(size=[2, 4]).astype(np.float32)}
-    np.testing.assert_allclose(run_ort(folded.model, x)[0], run_ort(onnx.load(src), x)[0], rtol=1e-5, atol=1e-5)  # the fold is right
-    result = bnfold.fold_file(src)
-    assert result.report.rolled_back == () and result.report.bn_after == 0, result.report.to_dict()["rolled_back"]
-    assert result.verification.status == "passed"
+    assert_right_and_verified(src, folded, rng.normal(size=[2, 4]).astype(np.float32))
 
 
 
@@ -157,11 +162,7 @@ def test_bn_into_conv_then_scale_through_relu_verifies(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
     folded = bnfold.fold(src)
     assert [f.rule for f in folded.report.folded] == ["bn_into_conv", "bn_scale_through_relu"]
-    x = {"x": rng.normal(size=[1, 3, 6, 6]).astype(np.float32)}
-    np.testing.assert_allclose(run_ort(folded.model, x)[0], run_ort(onnx.load(src), x)[0], rtol=1e-5, atol=1e-5)  # the folds are right
-    result = bnfold.fold_file(src)
-    assert result.report.rolled_back == () and result.report.bn_after == 0, result.report.to_dict()["rolled_back"]
-    assert result.verification.status == "passed"
+    assert_right_and_verified(src, folded, rng.normal(size=[1, 3, 6, 6]).astype(np.float32))
 
 
 
@@ -188,8 +189,4 @@ def test_bn_into_matmul_add_then_affine_merge_verifies(tmp_path):
     folded = bnfold.fold(src)
     assert [f.rule for f in folded.report.folded] == ["bn_into_matmul_add"]
     assert [f.rule for f in folded.report.affine_folded] == ["affine_into_matmul"]
-    x = {"x": rng.normal(size=[2, 4]).astype(np.float32)}
-    np.testing.assert_allclose(run_ort(folded.model, x)[0], run_ort(onnx.load(src), x)[0], rtol=1e-5, atol=1e-5)  # the folds are right
-    result = bnfold.fold_file(src)
-    assert result.report.rolled_back == () and result.report.bn_after == 0, result.report.to_dict()["rolled_back"]
-    assert result.verification.status == "passed"
+    assert_right_and_verified(src, folded, rng.normal(size=[2, 4]).astype(np.float32))

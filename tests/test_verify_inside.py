@@ -463,18 +463,7 @@ def test_verify_inside_deep_rounding_explicit_tolerance_is_rounding_not_rolled_b
 
 def test_verify_inside_explicit_tolerance_wrong_fold_still_rolled_back(deep, tmp_path, monkeypatch):
     """The same bound with one wrong fold: that fold fails alone, so it is undone."""
-    real = WeightAndBiasRule.plan
-
-    def wrong_plan(self, bn, node, graph):
-        plan = real(self, bn, node, graph)
-        if bn.label == "bn3" and not isinstance(plan, bnfold.Kept):
-            n, position, weight = plan.new_inputs[0]
-            weight = weight.copy()
-            weight[0] *= WRONG
-            plan.new_inputs[0] = (n, position, weight)
-        return plan
-
-    monkeypatch.setattr(WeightAndBiasRule, "plan", wrong_plan)
+    break_rule_for(monkeypatch, "bn3")
     shallow = tmp_path / "shallow.onnx"
     onnx.save(near_identity_chain(np.random.default_rng(3), 6), shallow)
     result = CliRunner().invoke(main, [str(shallow), "--rtol", "1e-4", "--atol", "1e-6", "--json"])
