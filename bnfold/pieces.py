@@ -107,9 +107,7 @@ def piece_model(model: onnx.ModelProto, piece: Piece, values: dict[str, np.ndarr
     return shell.SerializeToString()
 
 
-def _typed(name: str, value) -> onnx.ValueInfoProto:
-    if not isinstance(value, np.ndarray):
-        raise Unsplittable(f"value '{name}' crossing a cut is not a tensor")
+def _typed(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
     try:
         element = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
     except (KeyError, ValueError, TypeError):
